@@ -1,0 +1,23 @@
+"""optcraft: composable PyTorch optimizers.
+
+An optimizer is a short chain of building blocks (fastai's design), it is a real
+`torch.optim.Optimizer`, and every block runs over all parameters of a group at once.
+"""
+from .blocks import (adam_step, average_grad, average_sqr_grad, block, debias, l2_reg, lamb_step,
+                     larc_layer_lr, larc_step, momentum_step, qhadam_step, radam_step,
+                     rms_prop_step, sgd_step, step_stat, weight_decay)
+from .optimizer import Optimizer
+from .optimizers.classic import QHAdam, RAdam, RMSProp, SGD, Adam, Lamb, Larc, ranger
+from .tensorlist import ParamList, TensorList
+from .wrappers import Lookahead, OptimWrapper, detuplify_pg, pytorch_hp_map, set_item_pg
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Optimizer", "OptimWrapper", "Lookahead", "TensorList", "ParamList", "block",
+    "SGD", "RMSProp", "Adam", "RAdam", "QHAdam", "Larc", "Lamb", "ranger",
+    "sgd_step", "weight_decay", "l2_reg", "average_grad", "average_sqr_grad", "momentum_step",
+    "rms_prop_step", "step_stat", "debias", "adam_step", "radam_step", "qhadam_step",
+    "larc_layer_lr", "larc_step", "lamb_step",
+    "detuplify_pg", "set_item_pg", "pytorch_hp_map",
+]

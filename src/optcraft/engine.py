@@ -1,0 +1,174 @@
+"""Execution: how a chain of blocks runs over a parameter group.
+
+No algorithm knows which path runs it.  The engine splits a group's parameters (those with a
+gradient) into *buckets* that can share one vectorised call: same device, same dtype, the same
+state keys, and the same non-tensor state values (`step`, `do_wd`, ...), so that a per-parameter
+flag such as `do_wd=False` is honoured without splitting the user's groups.  Then it runs the chain
+on each bucket with one of the paths:
+
+* ``reference``: one parameter at a time, the semantics oracle of the tests;
+* ``foreach``: every bucket at once through `TensorList` (torch._foreach_* kernels);
+* ``fused`` and ``compiled``: see `optcraft.fused` and `optcraft.compiled`;
+* ``auto``: ``fused`` where the chain is exactly one of torch's kernels, else ``foreach``.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+from .blocks.base import vectorised
+from .tensorlist import ParamList, TensorList
+
+IMPLS = ("auto", "reference", "foreach", "fused", "compiled")
+HIDDEN_GROUP_KEYS = ("params", "param_names")
+
+
+def check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+    return impl
+
+
+class Bucket:
+    """Parameters of one group that run together, with their state gathered as lists."""
+
+    __slots__ = ("params", "grads", "tensor_keys", "scalars")
+
+    def __init__(self, params, grads, tensor_keys, scalars):
+        self.params, self.grads = params, grads
+        self.tensor_keys, self.scalars = tensor_keys, scalars
+
+    def gather(self, state) -> dict[str, Any]:
+        found = {k: TensorList([state[p][k] for p in self.params]) for k in self.tensor_keys}
+        found.update(self.scalars)
+        return found
+
+    def scatter(self, state, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            if isinstance(value, TensorList):
+                for p, v in zip(self.params, value.tensors):
+                    state[p][key] = v
+            elif isinstance(value, PerParam):
+                for p, v in zip(self.params, value):
+                    state[p][key] = v
+            else:
+                for p in self.params:
+                    state[p][key] = value
+
+
+class PerParam(list):
+    """Non-tensor values that differ between the parameters of a bucket (from a plain callback)."""
+
+
+def _freeze(value):
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return ("<unhashable>", id(value))
+
+
+def make_buckets(group: dict, state, max_params: int | None = None) -> list[Bucket]:
+    """Split a group's parameters that have a gradient into buckets (see module docstring).
+
+    `max_params=1` gives one bucket per parameter (the reference path).
+    """
+    keyed: dict[tuple, list] = defaultdict(list)
+    for p in group["params"]:
+        grad = p.grad
+        if grad is None:
+            continue
+        st = state.get(p)
+        if st:
+            tensor_keys = tuple(sorted(k for k, v in st.items() if isinstance(v, torch.Tensor)))
+            scalars = tuple(sorted((k, _freeze(v)) for k, v in st.items()
+                                   if not isinstance(v, torch.Tensor)))
+        else:
+            tensor_keys, scalars = (), ()
+        keyed[(p.device, p.dtype, tensor_keys, scalars)].append(p)
+    buckets = []
+    for (_, _, tensor_keys, _), params in keyed.items():
+        st = state.get(params[0]) or {}
+        scalars = {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
+        step = max_params or len(params)
+        for i in range(0, len(params), step):
+            chunk = params[i:i + step]
+            buckets.append(Bucket(chunk, [p.grad for p in chunk], tensor_keys, scalars))
+    return buckets
+
+
+def hypers_of(group: dict) -> dict[str, Any]:
+    return {k: v for k, v in dict.items(group) if k not in HIDDEN_GROUP_KEYS}
+
+
+def _plain_scalars(hyper: dict) -> dict:
+    """Eager paths take Python numbers: a 0-d tensor hyperparameter (a tensor lr) is read once."""
+    out = {}
+    for k, v in hyper.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.requires_grad:
+            v = v.item()
+        out[k] = v
+    return out
+
+
+def run_chain(cbs: Sequence[Callable], bucket: Bucket, state, hyper: dict) -> None:
+    """fastai's step for every parameter of `bucket`: each callback in turn gets the parameters
+    and `{**state, **hyper}` and may return a dict of new state."""
+    params = ParamList(bucket.params, bucket.grads)
+    values = bucket.gather(state)
+    for cb in cbs:
+        fn = vectorised(cb)
+        if fn is not None:
+            result = fn(params, **{**values, **hyper})
+        else:
+            result = _run_per_parameter(cb, params, values, hyper)
+        if isinstance(result, dict):
+            values.update(result)
+    bucket.scatter(state, values)
+
+
+def _run_per_parameter(cb, params: ParamList, values: dict, hyper: dict) -> dict:
+    """A plain fastai callback `cb(p, **{**state, **hyper})`, called once per parameter with plain
+    tensors; the gradient it sees is the one earlier blocks left (L2 regularisation, say)."""
+    updates: dict[str, list] = defaultdict(list)
+    for i, p in enumerate(params.tensors):
+        own = {k: (v.tensors[i] if isinstance(v, TensorList) else
+                   v[i] if isinstance(v, PerParam) else v) for k, v in values.items()}
+        original_grad = p.grad
+        swapped = params.grad.tensors[i] is not original_grad
+        if swapped:
+            p.grad = params.grad.tensors[i]
+        try:
+            result = cb(p, **{**own, **hyper})
+        finally:
+            if swapped:
+                p.grad = original_grad
+        if isinstance(result, dict):
+            for k, v in result.items():
+                updates[k].append(v)
+    merged = {}
+    for k, vs in updates.items():
+        if len(vs) != len(params):
+            raise RuntimeError(f"callback {getattr(cb, '__name__', cb)!r} returned {k!r} for some "
+                               f"parameters of a bucket but not others")
+        if all(isinstance(v, torch.Tensor) for v in vs):
+            merged[k] = TensorList(vs)
+        elif all(v == vs[0] for v in vs):
+            merged[k] = vs[0]
+        else:
+            merged[k] = PerParam(vs)
+    return merged
+
+
+def step_groups(cbs: Sequence[Callable], groups: Iterable[dict], state, impl: str) -> None:
+    """Run the chain over every group (the eager paths)."""
+    max_params = 1 if impl == "reference" else None
+    plan = []
+    for group in groups:
+        hyper = _plain_scalars(hypers_of(group))
+        plan.append((make_buckets(group, state, max_params), hyper))
+    for buckets, hyper in plan:
+        for bucket in buckets:
+            run_chain(cbs, bucket, state, hyper)

@@ -1,0 +1,270 @@
+"""Hyperparameters: their one home.
+
+Everything about a hyperparameter's *value* lives here: torch's names for fastai's (`betas`,
+`momentum`, `weight_decay`), spreading one value over parameter groups (a scalar, a list with one
+value per group, fastai's `slice`), validation with errors that name the hyperparameter, the group
+and the accepted range, and the `ParamGroup` dict that lets torch code read and write torch's names.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Iterable, Mapping, MutableMapping
+
+import torch
+
+# ---- torch's names -------------------------------------------------------------------------------
+
+#: torch.optim's name -> the fastai names it stands for (a tuple means a tuple value).
+TORCH_ALIASES: dict[str, tuple[str, ...]] = {
+    "betas": ("mom", "sqr_mom"),
+    "momentum": ("mom",),
+    "weight_decay": ("wd",),
+}
+
+
+def canonical_names(values: Mapping[str, Any], where: str = "") -> dict[str, Any]:
+    """Translate torch's names into fastai's; both spellings of one hyperparameter is an error.
+
+    >>> canonical_names({'lr': 1e-3, 'betas': (0.9, 0.99)})
+    {'lr': 0.001, 'mom': 0.9, 'sqr_mom': 0.99}
+    """
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in TORCH_ALIASES:
+            out[key] = value
+    for key, value in values.items():
+        names = TORCH_ALIASES.get(key)
+        if names is None:
+            continue
+        clash = [n for n in names if n in values]
+        if clash:
+            raise ValueError(f"{where}both {key!r} (torch's name) and {clash[0]!r} were given; "
+                             f"they are the same hyperparameter: give one")
+        if len(names) == 1:
+            out[names[0]] = value
+        else:
+            if not isinstance(value, (tuple, list)) or len(value) != len(names):
+                raise ValueError(f"{where}{key!r} must be a tuple of {len(names)} values "
+                                 f"({', '.join(names)}), got {value!r}")
+            out.update(zip(names, value))
+    return out
+
+
+class ParamGroup(dict):
+    """A torch param group (a plain dict of 'params' and hyperparameters, fastai's names) that also
+    answers to torch's names, so torch's schedulers can read and write `group['betas']` or
+    `group['momentum']` and `'betas' in optimizer.defaults` holds.
+
+    Only the canonical names are stored: `state_dict()` and `items()` see fastai's names once.
+    """
+
+    def _alias(self, key):
+        names = TORCH_ALIASES.get(key) if isinstance(key, str) else None
+        if names is not None and not dict.__contains__(self, key) and \
+                all(dict.__contains__(self, n) for n in names):
+            return names
+        return None
+
+    def __getitem__(self, key):
+        names = self._alias(key)
+        if names is None:
+            return dict.__getitem__(self, key)
+        values = tuple(dict.__getitem__(self, n) for n in names)
+        return values if len(names) > 1 else values[0]
+
+    def __setitem__(self, key, value):
+        names = self._alias(key)
+        if names is None:
+            return dict.__setitem__(self, key, value)
+        if len(names) == 1:
+            return dict.__setitem__(self, names[0], value)
+        value = tuple(value)
+        if len(value) != len(names):
+            raise ValueError(f"{key!r} must be a tuple of {len(names)} values, got {value!r}")
+        for n, v in zip(names, value):
+            dict.__setitem__(self, n, v)
+
+    def __contains__(self, key):
+        return dict.__contains__(self, key) or self._alias(key) is not None
+
+    def get(self, key, default=None):
+        return self[key] if key in self else default
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def __reduce__(self):
+        return (ParamGroup, (dict(self),))
+
+    def copy(self):
+        return ParamGroup(self)
+
+
+class HyperView(MutableMapping):
+    """fastai's `hypers[i]`: a live view of param group i without its 'params'."""
+
+    _hidden = ("params", "param_names")
+
+    def __init__(self, group: dict):
+        self._group = group
+
+    def __getitem__(self, key):
+        if key in self._hidden:
+            raise KeyError(key)
+        return self._group[key]
+
+    def __setitem__(self, key, value):
+        if key in self._hidden:
+            raise KeyError(f"{key!r} is not a hyperparameter")
+        self._group[key] = value
+
+    def __delitem__(self, key):
+        if key in self._hidden:
+            raise KeyError(key)
+        del self._group[key]
+
+    def __iter__(self):
+        return (k for k in dict.keys(self._group) if k not in self._hidden)
+
+    def __len__(self):
+        return sum(1 for _ in self)
+
+    def __repr__(self):
+        return repr(dict(self))
+
+
+# ---- spreading a value over groups ------------------------------------------------------------
+
+def even_mults(start: float, stop: float, n: int) -> list[float]:
+    """`n` values from `start` to `stop`, evenly spaced on a log scale (fastai's `even_mults`)."""
+    if n == 1:
+        return [stop]
+    step = (stop / start) ** (1 / (n - 1))
+    return [start * step ** i for i in range(n)]
+
+
+def spread(name: str, value: Any, n_groups: int) -> list:
+    """One value per group from a scalar, a list/tuple with one value per group, or a slice.
+
+    `slice(a, b)` is log-uniform from a to b over the groups; `slice(b)` gives b/10 to every
+    group but the last and b to the last.
+    """
+    if isinstance(value, slice):
+        if value.step is not None or value.stop is None:
+            raise ValueError(f"{name}: a slice must be slice(stop) or slice(start, stop), got {value}")
+        if value.start:
+            return even_mults(value.start, value.stop, n_groups)
+        return [value.stop / 10] * (n_groups - 1) + [value.stop]
+    if isinstance(value, (list, tuple)):
+        if len(value) == 1:
+            return list(value) * n_groups
+        if len(value) != n_groups:
+            raise ValueError(f"{name}: got {len(value)} values for {n_groups} parameter group(s); "
+                             f"give one value, or one per group")
+        return list(value)
+    if isinstance(value, torch.Tensor) and value.dim() > 0:
+        raise ValueError(f"{name}: a tensor value must be 0-d (one value); for one value per group "
+                         f"give a list")
+    if hasattr(value, "__array__") and not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: got an array ({type(value).__name__}); give a number, a list or "
+                        f"tuple with one value per group, or a slice")
+    return [value] * n_groups
+
+
+# ---- validation ------------------------------------------------------------------------------
+
+#: name -> (low, high, low inclusive, high inclusive, what it is)
+RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "lr": (0.0, math.inf, True, False),
+    "mom": (0.0, 1.0, True, False),
+    "sqr_mom": (0.0, 1.0, True, False),
+    "eps": (0.0, math.inf, True, False),
+    "eps_root": (0.0, math.inf, True, False),
+    "wd": (0.0, math.inf, True, False),
+    "beta": (0.0, math.inf, True, False),
+    "nu_1": (0.0, 1.0, True, True),
+    "nu_2": (0.0, 1.0, True, True),
+    "trust_coeff": (0.0, math.inf, True, False),
+}
+
+
+def _range_text(lo, hi, lo_in, hi_in) -> str:
+    return f"{'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+
+
+def validate(name: str, value: Any, group: int | None = None) -> None:
+    """Raise ValueError/TypeError naming `name` (and the group) if `value` is not acceptable."""
+    rule = RANGES.get(name)
+    if rule is None:
+        return
+    where = f"{name}" if group is None else f"{name} (parameter group {group})"
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{where}: a tensor value must hold one number, got shape "
+                             f"{tuple(value.shape)}")
+        if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{where}: a tensor value must be real, got dtype {value.dtype}")
+        if value.device.type == "meta":
+            return
+        number = float(value.detach().cpu())
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where} must be a real number, got {type(value).__name__} {value!r}")
+    else:
+        number = float(value)
+    lo, hi, lo_in, hi_in = rule
+    ok = (number >= lo if lo_in else number > lo) and (number <= hi if hi_in else number < hi)
+    if not ok or math.isnan(number):
+        raise ValueError(f"{where} must be in {_range_text(*rule)}, got {value!r}")
+
+
+def validate_group(values: Mapping[str, Any], group: int | None = None) -> None:
+    for name, value in values.items():
+        if name not in ("params", "param_names"):
+            validate(name, value, group)
+
+
+def merge_defaults(cbs: Iterable, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """fastai's rule: each callback's `defaults`, in chain order, then the keyword arguments."""
+    merged: dict[str, Any] = {}
+    for cb in cbs:
+        merged.update(defaults_of(cb))
+    merged.update(overrides)
+    return merged
+
+
+def defaults_of(cb) -> dict[str, Any]:
+    """A callback's `defaults` (looking through functools.partial, whose bound keywords win)."""
+    func, bound = cb, {}
+    while hasattr(func, "func") and hasattr(func, "keywords"):
+        bound = {**func.keywords, **bound}
+        func = func.func
+    found = getattr(cb, "defaults", None) or getattr(func, "defaults", None) or {}
+    return {k: v for k, v in found.items() if k not in bound}
+
+
+def torch_names(recipe):
+    """Let a named optimizer take torch's names (`betas`, `momentum`, `weight_decay`) as well as
+    fastai's; giving both spellings of one hyperparameter raises ValueError."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(recipe)
+
+    @functools.wraps(recipe)
+    def call(*args, **kwargs):
+        given = {k: kwargs.pop(k) for k in list(kwargs) if k in TORCH_ALIASES}
+        if given:
+            translated = canonical_names(given, f"{recipe.__name__}: ")
+            explicit = signature.bind_partial(*args, **kwargs).arguments
+            for name in translated:
+                if name in explicit or name in kwargs:
+                    torch_name = next(k for k in given if name in TORCH_ALIASES[k])
+                    raise ValueError(f"{recipe.__name__}: both {torch_name!r} (torch's name) and "
+                                     f"{name!r} were given; they are the same hyperparameter")
+            kwargs.update(translated)
+        return recipe(*args, **kwargs)
+
+    return call

@@ -1,0 +1,336 @@
+"""`Optimizer`: a real `torch.optim.Optimizer` whose algorithm is a chain of building blocks, with
+fastai's API (`hypers`, `param_lists`, `set_hyper`, `freeze_to`, `clear_state`) as a view over
+torch's `param_groups` and `state`."""
+from __future__ import annotations
+
+import copy
+import warnings
+from collections import defaultdict
+from itertools import chain
+from typing import Any, Callable, Iterable
+
+import torch
+
+from . import engine, hypers as hp
+from .blocks.base import unwrap_partial
+
+
+class _FastaiAPI:
+    """fastai's `_BaseOptimizer`: what `Optimizer` and `OptimWrapper` share, over
+    `self.param_groups` (torch's list of dicts) and `self.state`."""
+
+    def all_params(self, n=slice(None), with_grad=False):
+        """(param, group, state, hypers) for the groups selected by `n`."""
+        lists, hyps = self.param_lists[n], self.hypers[n]
+        found = [(p, pg, self.state[p], h) for pg, h in zip(lists, hyps) for p in pg]
+        return [o for o in found if o[0].grad is not None] if with_grad else found
+
+    def _set_require_grad(self, rg, p, pg, state, h):
+        p.requires_grad_(rg or bool(state.get("force_train", False)))
+
+    def freeze_to(self, n: int) -> None:
+        """Freeze the parameter groups before `n` (parameters with `force_train=True` in their
+        state keep training); unfreeze the others."""
+        n_groups = len(self.param_lists)
+        self.frozen_idx = n if n >= 0 else n_groups + n
+        if self.frozen_idx >= n_groups:
+            warnings.warn(f"Freezing {self.frozen_idx} groups; model has {n_groups}; whole model "
+                          f"is frozen.", stacklevel=2)
+        for o in self.all_params(slice(n, None)):
+            self._set_require_grad(True, *o)
+        for o in self.all_params(slice(None, n)):
+            self._set_require_grad(False, *o)
+
+    def freeze(self) -> None:
+        """Freeze every group but the last."""
+        if len(self.param_lists) < 2:
+            raise ValueError("freeze() needs at least two parameter groups (it trains only the "
+                             "last); use freeze_to(n) to freeze explicitly")
+        self.freeze_to(-1)
+
+    def set_freeze(self, n: int, rg: bool, ignore_force_train: bool = False) -> None:
+        """Set `requires_grad` to `rg` for group `n` only."""
+        for p in self.param_lists[n]:
+            force = self.state[p].get("force_train", False) and not ignore_force_train
+            p.requires_grad_(rg or bool(force))
+
+    def unfreeze(self) -> None:
+        self.freeze_to(0)
+
+    def set_hypers(self, **kwargs) -> None:
+        """`set_hyper` for every keyword; all are checked before any is set."""
+        kwargs = hp.canonical_names(kwargs)
+        spread = {k: self._spread_and_check(k, v) for k, v in kwargs.items()}
+        for k, v in spread.items():
+            self._set_hyper(k, v)
+
+    def set_hyper(self, k: str, v) -> None:
+        """Set hyperparameter `k` to `v`: a scalar, one value per group, or a slice."""
+        self.set_hypers(**{k: v})
+
+    def _spread_and_check(self, k, v) -> list:
+        values = hp.spread(k, v, len(self.param_lists))
+        for i, value in enumerate(values):
+            hp.validate(k, value, i)
+        return values
+
+
+class Optimizer(_FastaiAPI, torch.optim.Optimizer):
+    """An optimizer made of a chain of callbacks (fastai's design), that is a `torch.optim.Optimizer`.
+
+    Args:
+        params: tensors (one group), a list of lists of tensors (a group each), torch's list of
+            dicts, or `named_parameters()`.
+        cbs: a callable or a list of them, run in order for every parameter with a gradient at
+            each `step()`: optcraft's blocks run over whole buckets at once; a plain fastai callback
+            `cb(p, **{**state, **hypers})` runs per parameter.  Each may carry `defaults`.
+        train_bn: kept for fastai compatibility (used by fastai's Learner, not here).
+        impl: "auto", "reference", "foreach", "fused" or "compiled" (see `optcraft.engine`).
+        **defaults: hyperparameters, overriding the callbacks' defaults; a scalar, a list with one
+            value per group, or a slice (see `set_hyper`).  torch's names `betas`, `momentum` and
+            `weight_decay` are accepted for `(mom, sqr_mom)`, `mom` and `wd`.
+    """
+
+    _keep_on_clear = ("force_train", "do_wd")
+
+    def __init__(self, params, cbs, train_bn: bool = True, impl: str = "auto", **defaults):
+        self.cbs = _as_callbacks(cbs)
+        self.train_bn, self.frozen_idx = train_bn, 0
+        self.impl = engine.check_impl(impl)
+        groups = _as_groups(params)
+        merged = hp.merge_defaults(self.cbs, hp.canonical_names(defaults))
+        per_group = {k: hp.spread(k, v, len(groups)) for k, v in merged.items()}
+        for i, group in enumerate(groups):
+            for k, values in per_group.items():
+                group.setdefault(k, values[i])
+        # A group added later with add_param_group gets the last group's values.
+        torch_defaults = hp.ParamGroup({k: values[-1] for k, values in per_group.items()})
+        super().__init__(groups, torch_defaults)
+
+    # ---- torch's contract ------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        where = f"parameter group {len(self.param_groups)}: "
+        group = hp.ParamGroup(hp.canonical_names(param_group, where))
+        for k, v in self.defaults.items():
+            group.setdefault(k, v)
+        hp.validate_group(group, len(self.param_groups))
+        params = group.get("params")
+        if params is None:
+            raise ValueError(f"{where}no 'params'")
+        group["params"] = [params] if isinstance(params, torch.Tensor) else \
+            (params if isinstance(params, set) else list(params))
+        if len(group["params"]) == 0:
+            raise ValueError(f"{where}empty parameter list")
+        for p in group["params"]:
+            p = p[1] if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) else p
+            if isinstance(p, torch.Tensor) and p.is_sparse:
+                raise ValueError(f"{where}sparse parameters are not supported")
+        super().add_param_group(group)
+
+    @property
+    def hypers(self) -> list[hp.HyperView]:
+        """fastai's view: one dict of hyperparameters per group (live: writes go to param_groups)."""
+        return [hp.HyperView(g) for g in self.param_groups]
+
+    @hypers.setter
+    def hypers(self, values: list[dict]) -> None:
+        if len(values) != len(self.param_groups):
+            raise ValueError(f"got hyperparameters for {len(values)} groups, the optimizer has "
+                             f"{len(self.param_groups)}")
+        new = [hp.canonical_names(dict(v), f"parameter group {i}: ") for i, v in enumerate(values)]
+        for i, v in enumerate(new):
+            hp.validate_group(v, i)
+        for group, v in zip(self.param_groups, new):
+            params = {k: group[k] for k in engine.HIDDEN_GROUP_KEYS if k in group}
+            group.clear()
+            group.update(params, **v)
+
+    @property
+    def param_lists(self) -> list[list[torch.Tensor]]:
+        return [g["params"] for g in self.param_groups]
+
+    @param_lists.setter
+    def param_lists(self, lists) -> None:
+        lists = [list(l) for l in lists]
+        if len(lists) != len(self.param_groups):
+            raise ValueError(f"got {len(lists)} parameter lists for {len(self.param_groups)} groups")
+        for group, params in zip(self.param_groups, lists):
+            group["params"] = params
+
+    def _set_hyper(self, k, values) -> None:
+        for group, v in zip(self.param_groups, values):
+            group[k] = v
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        """Run the chain on every parameter with a gradient; return the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_before_step()
+        engine.step_groups(self.cbs, self.param_groups, self.state, self.impl)
+        return loss
+
+    def _check_before_step(self) -> None:
+        for i, group in enumerate(self.param_groups):
+            hp.validate_group(hp.HyperView(group), i)
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError(f"parameter group {i}: a parameter has a sparse gradient; "
+                                       f"optcraft's optimizers take dense gradients only")
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Zero every gradient in place (fastai's behaviour), or set them to None
+        (`set_to_none=True`, torch's default)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
+                    p.grad.zero_()
+
+    def clear_state(self) -> None:
+        """Forget all state but the flags `force_train` and `do_wd`."""
+        for p, *_ in self.all_params():
+            kept = {k: self.state[p][k] for k in self._keep_on_clear if k in self.state[p]}
+            self.state[p] = kept
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    @torch._disable_dynamo
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load torch's state-dict format; everything is checked before anything changes, and a
+        state dict that does not fit (groups, parameter counts, state shapes, hyperparameters)
+        raises ValueError."""
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        state, groups = _checked_state(self, state_dict)
+        self.state = state
+        self.param_groups = groups
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def __getstate__(self) -> dict[str, Any]:
+        extra = {k: self.__dict__[k] for k in ("cbs", "train_bn", "frozen_idx", "impl")}
+        return {**super().__getstate__(), **extra}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # torch adds this flag on unpickling; it is not a hyperparameter of ours.
+        dict.pop(self.defaults, "differentiable", None)
+
+    def __repr__(self) -> str:
+        chain_text = " -> ".join(_callback_name(cb) for cb in self.cbs)
+        return f"{torch.optim.Optimizer.__repr__(self)}\nchain: {chain_text}"
+
+
+def _callback_name(cb) -> str:
+    fn, bound = unwrap_partial(cb)
+    name = getattr(fn, "__name__", repr(fn))
+    return f"{name}({', '.join(f'{k}={v!r}' for k, v in bound.items())})" if bound else name
+
+
+def _as_callbacks(cbs) -> list:
+    items = list(cbs) if isinstance(cbs, (list, tuple)) else [cbs]
+    for cb in items:
+        if not callable(cb):
+            raise TypeError(f"cbs: every callback must be callable, got {type(cb).__name__} {cb!r}")
+    return items
+
+
+def _is_named(x) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
+
+
+def _as_groups(params) -> list[dict]:
+    """fastai's and torch's ways of giving parameters, as a list of torch group dicts."""
+    if isinstance(params, torch.Tensor):
+        return [{"params": [params]}]
+    if isinstance(params, dict):
+        raise TypeError("params: give an iterable of tensors, of lists of tensors, or of dicts "
+                        "(torch's param groups), not a dict")
+    items = list(params)
+    if not items:
+        raise ValueError("params: empty parameter list")
+    if isinstance(items[0], dict):
+        if not all(isinstance(g, dict) for g in items):
+            raise TypeError("params: a list of param-group dicts may hold only dicts")
+        return [dict(g) for g in items]
+    nested = [not isinstance(o, torch.Tensor) and not _is_named(o) and _is_iterable(o) for o in items]
+    if any(nested):
+        if not all(nested):
+            raise TypeError("params: mix of tensors and lists of tensors; give either one list of "
+                            "tensors (one group) or a list of lists (a group each)")
+        groups = [{"params": list(o)} for o in items]
+        for i, g in enumerate(groups):
+            if not g["params"]:
+                raise ValueError(f"params: parameter group {i} is empty")
+        return groups
+    return [{"params": items}]
+
+
+def _is_iterable(o) -> bool:
+    try:
+        iter(o)
+        return True
+    except TypeError:
+        return False
+
+
+def _checked_state(opt: torch.optim.Optimizer, state_dict: dict):
+    """The (state, param_groups) that `state_dict` gives `opt`, or ValueError; changes nothing."""
+    if not isinstance(state_dict, dict) or "state" not in state_dict or \
+            "param_groups" not in state_dict:
+        raise ValueError("not an optimizer state dict: it needs 'state' and 'param_groups'")
+    saved_groups = state_dict["param_groups"]
+    groups = opt.param_groups
+    if len(saved_groups) != len(groups):
+        raise ValueError(f"the state dict has {len(saved_groups)} parameter groups, the optimizer "
+                         f"has {len(groups)}")
+    for i, (g, s) in enumerate(zip(groups, saved_groups)):
+        if len(s.get("params", ())) != len(g["params"]):
+            raise ValueError(f"parameter group {i}: the state dict has {len(s.get('params', ()))} "
+                             f"parameters, the optimizer has {len(g['params'])}")
+    id_map = dict(zip(chain.from_iterable(s["params"] for s in saved_groups),
+                      chain.from_iterable(g["params"] for g in groups)))
+    state = defaultdict(dict)
+    for key, values in state_dict["state"].items():
+        if key not in id_map:
+            raise ValueError(f"the state dict has state for parameter id {key!r}, which is in no "
+                             f"parameter group")
+        p = id_map[key]
+        if not isinstance(values, dict):
+            raise ValueError(f"state of parameter {key!r} must be a dict, got {type(values).__name__}")
+        own = {}
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                if value.dim() > 0 and value.shape != p.shape:
+                    raise ValueError(f"state {name!r} of parameter {key!r} has shape "
+                                     f"{tuple(value.shape)}, the parameter has {tuple(p.shape)}")
+                value = value.detach().to(device=p.device, copy=True)
+            else:
+                value = copy.deepcopy(value)
+            own[name] = value
+        state[p] = own
+    new_groups = []
+    for i, (g, s) in enumerate(zip(groups, saved_groups)):
+        values = hp.canonical_names({k: v for k, v in s.items() if k != "params"},
+                                    f"parameter group {i}: ")
+        hp.validate_group(values, i)
+        new = hp.ParamGroup(copy.deepcopy(values))
+        new["params"] = g["params"]
+        if "param_names" in g and "param_names" not in new:
+            new["param_names"] = g["param_names"]
+        new_groups.append(new)
+    return state, new_groups

@@ -1,0 +1,419 @@
+"""Vectorised arithmetic over lists of tensors.
+
+A building block is written once, against `TensorList`, and runs the same way on one parameter
+(a list of one) and on every parameter of a bucket at once.  Each method maps onto one
+`torch._foreach_*` call where torch has one, so `grad_avg.mul_(mom).add_(g, alpha=1-mom)` is two
+kernel launches for the whole bucket, not two per parameter.
+
+Scalars that a block multiplies by come in three kinds, and every method accepts all of them:
+
+* a Python number (the common case: a hyperparameter);
+* a 0-d tensor (a hyperparameter under `torch.compile`, or a tensor `lr`), one value for all;
+* a `TensorList` of 0-d tensors, one value per tensor (a per-layer norm or trust ratio).
+
+Per-tensor reductions (`norm`, `rms`, `sum`) return the third kind, which broadcasts back.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+Scalar = "float | int | torch.Tensor | TensorList"
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, bool)) and not isinstance(x, torch.Tensor)
+
+
+def _unwrap(x):
+    return x.tensors if isinstance(x, TensorList) else x
+
+
+class TensorList:
+    """A list of tensors whose arithmetic runs over all of them at once."""
+
+    __slots__ = ("tensors",)
+
+    def __init__(self, tensors: Iterable[torch.Tensor]):
+        self.tensors = list(tensors)
+
+    # ---- container protocol -------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return type(self)(self.tensors[i]) if type(self) is TensorList else TensorList(self.tensors[i])
+        return self.tensors[i]
+
+    def __repr__(self) -> str:
+        return f"TensorList({self.tensors!r})"
+
+    def map(self, fn: Callable, *others) -> "TensorList":
+        """Apply `fn` tensor by tensor: the fallback for operations torch has no foreach for."""
+        cols = [_per_tensor(o, len(self)) for o in others]
+        return TensorList(fn(t, *(c[i] for c in cols)) for i, t in enumerate(self.tensors))
+
+    # ---- construction ---------------------------------------------------------------------
+    def zeros_like(self, dtype=None) -> "TensorList":
+        return TensorList(torch.zeros_like(t, dtype=dtype, memory_format=torch.preserve_format)
+                          for t in self.tensors)
+
+    def clone(self) -> "TensorList":
+        return TensorList(t.clone(memory_format=torch.preserve_format) for t in self.tensors)
+
+    def to(self, *args, **kwargs) -> "TensorList":
+        return TensorList(t.to(*args, **kwargs) for t in self.tensors)
+
+    # ---- out-of-place arithmetic ------------------------------------------------------------
+    def add(self, other, alpha=1) -> "TensorList":
+        return self.clone().add_(other, alpha=alpha) if _needs_scaling(alpha) else \
+            TensorList(_foreach_binary("add", self.tensors, other, alpha))
+
+    def sub(self, other, alpha=1) -> "TensorList":
+        return self.add(other, alpha=-alpha if _is_number(alpha) else neg(alpha))
+
+    def mul(self, other) -> "TensorList":
+        return TensorList(_foreach_binary("mul", self.tensors, other))
+
+    def div(self, other) -> "TensorList":
+        return TensorList(_foreach_binary("div", self.tensors, other))
+
+    def pow(self, exponent) -> "TensorList":
+        if _is_number(exponent) and exponent == 2:
+            return self.mul(self)
+        return TensorList(torch._foreach_pow(self.tensors, _unwrap(exponent)))
+
+    def sqrt(self) -> "TensorList":
+        return TensorList(torch._foreach_sqrt(self.tensors))
+
+    def abs(self) -> "TensorList":
+        return TensorList(torch._foreach_abs(self.tensors))
+
+    def neg(self) -> "TensorList":
+        return TensorList(torch._foreach_neg(self.tensors))
+
+    def sign(self) -> "TensorList":
+        return TensorList(torch._foreach_sign(self.tensors))
+
+    def exp(self) -> "TensorList":
+        return TensorList(torch._foreach_exp(self.tensors))
+
+    def log(self) -> "TensorList":
+        return TensorList(torch._foreach_log(self.tensors))
+
+    def reciprocal(self) -> "TensorList":
+        return TensorList(torch._foreach_reciprocal(self.tensors))
+
+    def maximum(self, other) -> "TensorList":
+        return TensorList(_foreach_binary("maximum", self.tensors, other))
+
+    def minimum(self, other) -> "TensorList":
+        return TensorList(_foreach_binary("minimum", self.tensors, other))
+
+    def clamp_min(self, value) -> "TensorList":
+        return TensorList(_foreach_binary("clamp_min", self.tensors, value))
+
+    def clamp_max(self, value) -> "TensorList":
+        return TensorList(_foreach_binary("clamp_max", self.tensors, value))
+
+    def addcmul(self, t1, t2, value=1) -> "TensorList":
+        return self.clone().addcmul_(t1, t2, value=value)
+
+    def addcdiv(self, t1, t2, value=1) -> "TensorList":
+        return self.clone().addcdiv_(t1, t2, value=value)
+
+    def lerp(self, end, weight) -> "TensorList":
+        return self.clone().lerp_(end, weight)
+
+    def where(self, condition, other) -> "TensorList":
+        """`self` where `condition` holds, else `other` (tensor by tensor, broadcasting)."""
+        n = len(self)
+        c, o = _per_tensor(condition, n), _per_tensor(other, n)
+        return TensorList(torch.where(c[i], t, o[i]) for i, t in enumerate(self.tensors))
+
+    # ---- in-place arithmetic -----------------------------------------------------------------
+    def add_(self, other, alpha=1) -> "TensorList":
+        if _needs_scaling(alpha):
+            other, alpha = _scaled(other, alpha), 1
+        _foreach_binary("add", self.tensors, other, alpha, inplace=True)
+        return self
+
+    def sub_(self, other, alpha=1) -> "TensorList":
+        return self.add_(other, alpha=-alpha if _is_number(alpha) else neg(alpha))
+
+    def mul_(self, other) -> "TensorList":
+        _foreach_binary("mul", self.tensors, other, inplace=True)
+        return self
+
+    def div_(self, other) -> "TensorList":
+        _foreach_binary("div", self.tensors, other, inplace=True)
+        return self
+
+    def sqrt_(self) -> "TensorList":
+        torch._foreach_sqrt_(self.tensors)
+        return self
+
+    def abs_(self) -> "TensorList":
+        torch._foreach_abs_(self.tensors)
+        return self
+
+    def neg_(self) -> "TensorList":
+        torch._foreach_neg_(self.tensors)
+        return self
+
+    def maximum_(self, other) -> "TensorList":
+        _foreach_binary("maximum", self.tensors, other, inplace=True)
+        return self
+
+    def clamp_min_(self, value) -> "TensorList":
+        _foreach_binary("clamp_min", self.tensors, value, inplace=True)
+        return self
+
+    def clamp_max_(self, value) -> "TensorList":
+        _foreach_binary("clamp_max", self.tensors, value, inplace=True)
+        return self
+
+    def addcmul_(self, t1, t2, value=1) -> "TensorList":
+        """self += value * t1 * t2."""
+        t1, t2 = _as_list(t1, len(self)), _as_list(t2, len(self))
+        if _needs_scaling(value):
+            t1, value = _unwrap(TensorList(t1).mul(value)), 1
+        torch._foreach_addcmul_(self.tensors, t1, t2, value=value)
+        return self
+
+    def addcdiv_(self, t1, t2, value=1) -> "TensorList":
+        """self += value * t1 / t2."""
+        t1, t2 = _as_list(t1, len(self)), _as_list(t2, len(self))
+        if _needs_scaling(value):
+            t1, value = _unwrap(TensorList(t1).mul(value)), 1
+        torch._foreach_addcdiv_(self.tensors, t1, t2, value=value)
+        return self
+
+    def lerp_(self, end, weight) -> "TensorList":
+        """self += weight * (end - self)."""
+        end = _as_list(end, len(self))
+        if isinstance(weight, TensorList):
+            return self.add_(TensorList(end).sub(self).mul(weight))
+        torch._foreach_lerp_(self.tensors, end, weight)
+        return self
+
+    def copy_(self, src) -> "TensorList":
+        torch._foreach_copy_(self.tensors, _as_list(src, len(self)))
+        return self
+
+    def zero_(self) -> "TensorList":
+        torch._foreach_zero_(self.tensors)
+        return self
+
+    # ---- per-tensor reductions: a TensorList of 0-d tensors ---------------------------------
+    def norm(self, ord=2) -> "TensorList":
+        if not self.tensors:
+            return TensorList([])
+        return TensorList(torch._foreach_norm(self.tensors, ord))
+
+    def numel(self) -> list[int]:
+        return [t.numel() for t in self.tensors]
+
+    def rms(self) -> "TensorList":
+        """Root mean square of each tensor: `t.pow(2).mean().sqrt()`, 0 for an empty tensor."""
+        return self.norm().div([math.sqrt(max(n, 1)) for n in self.numel()])
+
+    def sum(self) -> "TensorList":
+        return TensorList(t.sum() for t in self.tensors)
+
+    def mean(self) -> "TensorList":
+        return TensorList(t.mean() for t in self.tensors)
+
+    # ---- operators -----------------------------------------------------------------------------
+    __add__ = add
+    __mul__ = mul
+    __truediv__ = div
+    __pow__ = pow
+    __neg__ = neg
+
+    def __sub__(self, other):
+        return self.sub(other)
+
+    def __radd__(self, other):
+        return self.add(other)
+
+    def __rmul__(self, other):
+        return self.mul(other)
+
+    def __rsub__(self, other):
+        return self.neg().add_(other)
+
+    def __rtruediv__(self, other):
+        return self.reciprocal().mul_(other)
+
+    def __gt__(self, other):
+        return self.map(torch.gt, other)
+
+    def __ge__(self, other):
+        return self.map(torch.ge, other)
+
+    def __lt__(self, other):
+        return self.map(torch.lt, other)
+
+    def __le__(self, other):
+        return self.map(torch.le, other)
+
+    def __eq__(self, other):  # elementwise, as for tensors
+        return self.map(torch.eq, other)
+
+    __hash__ = None
+
+    def __or__(self, other):
+        return self.map(torch.logical_or, other)
+
+    def __and__(self, other):
+        return self.map(torch.logical_and, other)
+
+    def __invert__(self):
+        return self.map(torch.logical_not)
+
+
+class ParamList(TensorList):
+    """The parameters of a bucket, with their gradients as `.grad` (a `TensorList`).
+
+    A block may replace `.grad` (L2 regularisation adds `wd * p` to it) without touching the
+    tensors in the parameters' own `.grad`: the change is seen by the blocks after it only.
+    """
+
+    __slots__ = ("grad",)
+
+    def __init__(self, params: Iterable[torch.Tensor], grads: Iterable[torch.Tensor] | None = None):
+        super().__init__(params)
+        self.grad = TensorList(grads if grads is not None else (p.grad for p in self.tensors))
+
+    @property
+    def data(self) -> "ParamList":
+        return self
+
+
+# ---- helpers for the three kinds of scalar ------------------------------------------------------
+
+def _needs_scaling(alpha) -> bool:
+    """foreach's `alpha`/`value` must be a Python number; anything else is multiplied in."""
+    return not _is_number(alpha)
+
+
+def _scaled(other, alpha):
+    if _is_number(other):
+        return mul(other, alpha)
+    return TensorList(_as_list(other, None)).mul(alpha)
+
+
+def _as_list(x, n):
+    if isinstance(x, TensorList):
+        return x.tensors
+    if isinstance(x, (list, tuple)):
+        return list(x)
+    raise TypeError(f"expected a TensorList, got {type(x).__name__}")
+
+
+def _per_tensor(x, n):
+    """`x` as one value per tensor: a TensorList/list stays, a single value is repeated."""
+    if isinstance(x, TensorList):
+        return x.tensors
+    if isinstance(x, (list, tuple)):
+        return list(x)
+    return [x] * n
+
+
+def _foreach_binary(op: str, tensors: list, other, alpha=1, inplace=False):
+    fn = getattr(torch, f"_foreach_{op}_" if inplace else f"_foreach_{op}")
+    if isinstance(other, TensorList):
+        other = other.tensors
+    if op in ("add", "sub") and alpha != 1:
+        if isinstance(other, list):
+            return fn(tensors, other, alpha=alpha)
+        other = other * alpha
+    if isinstance(other, torch.Tensor) and other.dim() > 0:
+        raise ValueError("a scalar operand must be a number, a 0-d tensor or a TensorList")
+    if isinstance(other, bool):
+        other = float(other)
+    return fn(tensors, other)
+
+
+# ---- scalar functions: Python numbers stay Python numbers, tensors stay tensors ---------------
+
+def is_tensorish(x) -> bool:
+    return isinstance(x, (torch.Tensor, TensorList))
+
+
+def sqrt(x):
+    if isinstance(x, TensorList):
+        return x.sqrt()
+    if isinstance(x, torch.Tensor):
+        return x.sqrt()
+    return math.sqrt(x)
+
+
+def neg(x):
+    return -x
+
+
+def mul(a, b):
+    if isinstance(b, TensorList) and not isinstance(a, TensorList):
+        return b.mul(a)
+    return a * b
+
+
+def minimum(a, b):
+    """Elementwise minimum of numbers, 0-d tensors or TensorLists."""
+    if isinstance(a, TensorList):
+        return a.minimum(b)
+    if isinstance(b, TensorList):
+        return b.minimum(a)
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
+    return min(a, b)
+
+
+def maximum(a, b):
+    if isinstance(a, TensorList):
+        return a.maximum(b)
+    if isinstance(b, TensorList):
+        return b.maximum(a)
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.maximum(torch.as_tensor(a), torch.as_tensor(b))
+    return max(a, b)
+
+
+def where(condition, a, b):
+    """`a` where `condition` holds, else `b`.
+
+    With a Python bool this is a plain choice; with a tensor condition (a per-tensor test, or any
+    test under `torch.compile`) both sides are computed and selected elementwise, so no Python
+    branch depends on tensor data.
+    """
+    if isinstance(condition, bool):
+        return a if condition else b
+    if isinstance(condition, TensorList):
+        if isinstance(a, TensorList):
+            return a.where(condition, b)
+        n = len(condition)
+        a_, b_ = _per_tensor(a, n), _per_tensor(b, n)
+        return TensorList(torch.where(c, torch.as_tensor(a_[i], device=c.device),
+                                      torch.as_tensor(b_[i], device=c.device))
+                          for i, c in enumerate(condition.tensors))
+    if isinstance(a, TensorList):
+        return a.where(condition, b)
+    if isinstance(b, TensorList):
+        return b.where(~condition if isinstance(condition, torch.Tensor) else not condition, a)
+    return torch.where(condition, torch.as_tensor(a), torch.as_tensor(b))
+
+
+def as_tensorlist(x: torch.Tensor | Sequence[torch.Tensor] | TensorList) -> TensorList:
+    if isinstance(x, TensorList):
+        return x
+    if isinstance(x, torch.Tensor):
+        return TensorList([x])
+    return TensorList(x)

@@ -1,0 +1,246 @@
+"""Optimizers around optimizers: `Lookahead`, and `OptimWrapper` (fastai's API over any
+torch.optim optimizer).  Both are `torch.optim.Optimizer`s sharing the inner optimizer's
+`param_groups` and `state`, so schedulers, hooks and checkpoints see one optimizer."""
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import Any, Callable
+
+import torch
+
+from . import hypers as hp
+from .optimizer import _FastaiAPI
+from .tensorlist import TensorList
+
+
+class _Delegating(_FastaiAPI, torch.optim.Optimizer):
+    """A torch optimizer whose groups, state and defaults are those of `self.opt`."""
+
+    def _init_torch_parts(self, opt: torch.optim.Optimizer) -> None:
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"{type(self).__name__} wraps a torch.optim.Optimizer, got "
+                            f"{type(opt).__name__}")
+        self.opt = opt
+        self.frozen_idx = 0
+        for name in ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+                     "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+                     "_optimizer_load_state_dict_pre_hooks",
+                     "_optimizer_load_state_dict_post_hooks"):
+            setattr(self, name, OrderedDict())
+        self._patch_step_function()
+
+    # torch.optim.Optimizer.__init__ assigns these; here they are the inner optimizer's.
+    @property
+    def param_groups(self):
+        return self.opt.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.opt.param_groups = value
+
+    @property
+    def state(self):
+        return self.opt.state
+
+    @state.setter
+    def state(self, value):
+        self.opt.state = value
+
+    @property
+    def defaults(self):
+        return self.opt.defaults
+
+    @defaults.setter
+    def defaults(self, value):
+        self.opt.defaults = value
+
+    @property
+    def param_lists(self):
+        return [g["params"] for g in self.param_groups]
+
+    @param_lists.setter
+    def param_lists(self, lists):
+        lists = [list(l) for l in lists]
+        if len(lists) != len(self.param_groups):
+            raise ValueError(f"got {len(lists)} parameter lists for {len(self.param_groups)} groups")
+        for group, params in zip(self.param_groups, lists):
+            group["params"] = params
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.opt.add_param_group(param_group)
+
+    def zero_grad(self, *args, **kwargs) -> None:
+        self.opt.zero_grad(*args, **kwargs)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items()}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._patch_step_function()
+
+
+class Lookahead(_Delegating):
+    """Lookahead (Zhang et al., 2019, arXiv:1907.08610): k fast steps of `opt`, then one step back.
+
+    Slow weights `s` start as a copy of the parameters; every `k` steps
+    `s <- s + alpha * (p - s)` and `p <- s`.  The slow weights live in the inner optimizer's
+    state (`state[p]['slow_weight']`), so they are checkpointed, sharded and moved with it.
+    """
+
+    def __init__(self, opt: torch.optim.Optimizer, k: int = 6, alpha: float = 0.5):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"Lookahead: k must be an integer >= 1, got {k!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+            raise ValueError(f"Lookahead: alpha must be in [0, 1], got {alpha!r}")
+        self._init_torch_parts(opt)
+        self.k, self.alpha, self.count = k, float(alpha), 0
+
+    @property
+    def hypers(self):
+        inner = getattr(self.opt, "hypers", None)
+        return inner if inner is not None else [hp.HyperView(g) for g in self.param_groups]
+
+    def _set_hyper(self, k, values):
+        for group, v in zip(self.param_groups, values):
+            group[k] = v
+
+    def step(self, closure: Callable | None = None):
+        self._copy_missing_slow_weights()
+        loss = self.opt.step(closure)
+        self.count += 1
+        if self.count % self.k == 0:
+            self._synchronise()
+        return loss
+
+    @torch.no_grad()
+    def _copy_missing_slow_weights(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if "slow_weight" not in self.state[p]:
+                    self.state[p]["slow_weight"] = p.detach().clone()
+
+    @torch.no_grad()
+    def _synchronise(self) -> None:
+        by_kind: dict[tuple, tuple[list, list]] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                slow, fast = by_kind.setdefault((p.device, p.dtype), ([], []))
+                slow.append(self.state[p]["slow_weight"])
+                fast.append(p)
+        for slow, fast in by_kind.values():
+            TensorList(slow).lerp_(fast, self.alpha)
+            TensorList(fast).copy_(slow)
+
+    def clear_state(self) -> None:
+        clear = getattr(self.opt, "clear_state", None)
+        if clear is not None:
+            clear()
+        else:
+            for p in list(self.state):
+                self.state[p] = {}
+        self.count = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = self.opt.state_dict()
+        sd["lookahead"] = {"count": self.count, "k": self.k, "alpha": self.alpha}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("lookahead", None)
+        if not isinstance(extra, dict) or "count" not in extra:
+            raise ValueError("not a Lookahead state dict: it has no 'lookahead' entry with 'count'")
+        self.opt.load_state_dict(state_dict)
+        self.count = int(extra["count"])
+
+    def __repr__(self) -> str:
+        return f"Lookahead(k={self.k}, alpha={self.alpha}) of {self.opt!r}"
+
+
+# ---- OptimWrapper ----------------------------------------------------------------------------
+
+#: torch's group names -> fastai's (tuples are flattened as name__i by detuplify_pg).
+pytorch_hp_map = {"momentum": "mom", "weight_decay": "wd", "alpha": "sqr_mom",
+                  "betas__0": "mom", "betas__1": "sqr_mom"}
+
+#: torch's execution switches: options of the implementation, not hyperparameters.
+_EXECUTION_FLAGS = ("foreach", "fused", "differentiable", "capturable", "maximize",
+                    "decoupled_weight_decay", "amsgrad", "centered")
+
+
+def detuplify_pg(d: dict) -> dict:
+    """A param group's hyperparameters with tuples flattened: `betas` -> `betas__0`, `betas__1`."""
+    res = {}
+    for k, v in d.items():
+        if k in ("params", "param_names"):
+            continue
+        if isinstance(v, (list, tuple)):
+            res.update({f"{k}__{i}": v_ for i, v_ in enumerate(v)})
+        else:
+            res[k] = v
+    return res
+
+
+def set_item_pg(pg: dict, k: str, v) -> dict:
+    """Set `k` in param group `pg`, where `name__i` sets item i of the tuple `name`."""
+    if "__" not in k:
+        pg[k] = v
+    else:
+        name, idx = k.split("__")
+        pg[name] = tuple(v if i == int(idx) else pg[name][i] for i in range(len(pg[name])))
+    return pg
+
+
+class OptimWrapper(_Delegating):
+    """fastai's API (`hypers` with fastai's names, `set_hyper`, `param_lists`, `freeze_to`) over
+    any torch.optim optimizer.  `hp_map` maps torch's names (flattened by `detuplify_pg`) to
+    fastai's; the default maps momentum/betas__0 to mom, betas__1/alpha to sqr_mom and
+    weight_decay to wd.  The groups are used as they are (never one group per parameter)."""
+
+    def __init__(self, opt: torch.optim.Optimizer, hp_map: dict | None = None):
+        self._init_torch_parts(opt)
+        if hp_map is None:
+            hp_map = pytorch_hp_map
+        keys = detuplify_pg(opt.param_groups[0]).keys()
+        self.fwd_map = {k: hp_map.get(k, k) for k in keys}
+        self.bwd_map = {v: k for k, v in self.fwd_map.items()}
+
+    @property
+    def hypers(self) -> list[dict]:
+        return [{self.fwd_map.get(k, k): v for k, v in detuplify_pg(pg).items()
+                 if k not in _EXECUTION_FLAGS}
+                for pg in self.param_groups]
+
+    def _spread_and_check(self, k, v):
+        if k not in self.bwd_map:
+            raise KeyError(f"{type(self.opt).__name__} has no hyperparameter {k!r}; it has "
+                           f"{', '.join(sorted(self.bwd_map))}")
+        return super()._spread_and_check(k, v)
+
+    def set_hypers(self, **kwargs) -> None:
+        # Names here are fastai's as mapped by hp_map, not translated through torch aliases.
+        spread = {k: self._spread_and_check(k, v) for k, v in kwargs.items()}
+        for k, v in spread.items():
+            self._set_hyper(k, v)
+
+    def _set_hyper(self, k, values) -> None:
+        for pg, v in zip(self.param_groups, values):
+            set_item_pg(pg, self.bwd_map[k], v)
+
+    def step(self, closure: Callable | None = None):
+        return self.opt.step(closure)
+
+    def clear_state(self) -> None:
+        for p in list(self.opt.state):
+            self.opt.state[p] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.opt.load_state_dict(state_dict)
+
+    def __repr__(self) -> str:
+        return f"OptimWrapper of {self.opt!r}"
