@@ -220,6 +220,17 @@ def validate(name: str, value: Any, group: int | None = None) -> None:
         raise ValueError(f"{where} must be in {_range_text(*rule)}, got {value!r}")
 
 
+def check_known(name: str, known: set) -> None:
+    """ValueError for a hyperparameter the optimizer does not have, naming close matches."""
+    if name in known:
+        return
+    import difflib
+    close = difflib.get_close_matches(name, sorted(known), n=3)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    raise ValueError(f"unknown hyperparameter {name!r}{hint} (this optimizer has "
+                     f"{', '.join(sorted(known)) or 'none'})")
+
+
 def validate_group(values: Mapping[str, Any], group: int | None = None) -> None:
     for name, value in values.items():
         if name not in ("params", "param_names"):

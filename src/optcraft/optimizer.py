@@ -69,6 +69,7 @@ class _FastaiAPI:
         self.set_hypers(**{k: v})
 
     def _spread_and_check(self, k, v) -> list:
+        hp.check_known(k, {name for h in self.hypers for name in h})
         values = hp.spread(k, v, len(self.param_lists))
         for i, value in enumerate(values):
             hp.validate(k, value, i)

@@ -213,11 +213,6 @@ class OptimWrapper(_Delegating):
                  if k not in _EXECUTION_FLAGS}
                 for pg in self.param_groups]
 
-    def _spread_and_check(self, k, v):
-        if k not in self.bwd_map:
-            raise KeyError(f"{type(self.opt).__name__} has no hyperparameter {k!r}; it has "
-                           f"{', '.join(sorted(self.bwd_map))}")
-        return super()._spread_and_check(k, v)
 
     def set_hypers(self, **kwargs) -> None:
         # Names here are fastai's as mapped by hp_map, not translated through torch aliases.
