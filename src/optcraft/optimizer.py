@@ -124,10 +124,12 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
             (params if isinstance(params, set) else list(params))
         if len(group["params"]) == 0:
             raise ValueError(f"{where}empty parameter list")
-        for p in group["params"]:
-            p = p[1] if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) else p
+        tensors = [p[1] if _is_named(p) else p for p in group["params"]]
+        for p in tensors:
             if isinstance(p, torch.Tensor) and p.is_sparse:
                 raise ValueError(f"{where}sparse parameters are not supported")
+        if len({id(p) for p in tensors}) != len(tensors):
+            raise ValueError(f"{where}a parameter appears more than once in the group")
         super().add_param_group(group)
 
     @property
@@ -305,6 +307,8 @@ def _checked_state(opt: torch.optim.Optimizer, state_dict: dict):
                              f"parameters, the optimizer has {len(g['params'])}")
     id_map = dict(zip(chain.from_iterable(s["params"] for s in saved_groups),
                       chain.from_iterable(g["params"] for g in groups)))
+    chain_state = set(chain.from_iterable(
+        getattr(unwrap_partial(cb)[0], "state_names", ()) for cb in getattr(opt, "cbs", ())))
     state = defaultdict(dict)
     for key, values in state_dict["state"].items():
         if key not in id_map:
@@ -313,6 +317,11 @@ def _checked_state(opt: torch.optim.Optimizer, state_dict: dict):
         p = id_map[key]
         if not isinstance(values, dict):
             raise ValueError(f"state of parameter {key!r} must be a dict, got {type(values).__name__}")
+        present = chain_state & set(values)
+        if present and present != chain_state:
+            raise ValueError(f"state of parameter {key!r} is truncated: it has "
+                             f"{', '.join(sorted(present))} but not "
+                             f"{', '.join(sorted(chain_state - present))}")
         own = {}
         for name, value in values.items():
             if isinstance(value, torch.Tensor):

@@ -34,7 +34,7 @@ def average_sqr_grad(p, sqr_mom, dampening=True, sqr_avg=None, **kwargs):
     return {"sqr_avg": sqr_avg}
 
 
-@block
+@block(state=("step",))
 def step_stat(p, step=0, **kwargs):
     """Count the steps taken: `step <- step + 1`."""
     return {"step": step + 1}
