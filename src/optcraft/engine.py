@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from . import precision
 from .blocks.base import vectorised
 from .tensorlist import ParamList, TensorList
 
@@ -113,11 +114,20 @@ def _plain_scalars(hyper: dict) -> dict:
     return out
 
 
-def run_chain(cbs: Sequence[Callable], bucket: Bucket, state, hyper: dict) -> None:
+def run_chain(cbs: Sequence[Callable], bucket: Bucket, state, hyper: dict,
+              master_weights: bool = True) -> None:
     """fastai's step for every parameter of `bucket`: each callback in turn gets the parameters
-    and `{**state, **hyper}` and may return a dict of new state."""
-    params = ParamList(bucket.params, bucket.grads)
+    and `{**state, **hyper}` and may return a dict of new state.
+
+    Half-precision parameters run on their float32 master copies (see `optcraft.precision`)."""
     values = bucket.gather(state)
+    values.pop(precision.MASTER, None)
+    with_master = precision.uses_master(bucket.params[0].dtype, master_weights)
+    if with_master:
+        masters = precision.masters_of(bucket.params, state)
+        params = ParamList(masters, precision.upcast(bucket.grads))
+    else:
+        params = ParamList(bucket.params, bucket.grads)
     for cb in cbs:
         fn = vectorised(cb)
         if fn is not None:
@@ -127,6 +137,8 @@ def run_chain(cbs: Sequence[Callable], bucket: Bucket, state, hyper: dict) -> No
         if isinstance(result, dict):
             values.update(result)
     bucket.scatter(state, values)
+    if with_master:
+        precision.write_back(bucket.params, masters)
 
 
 def _run_per_parameter(cb, params: ParamList, values: dict, hyper: dict) -> dict:
@@ -162,7 +174,8 @@ def _run_per_parameter(cb, params: ParamList, values: dict, hyper: dict) -> dict
     return merged
 
 
-def step_groups(cbs: Sequence[Callable], groups: Iterable[dict], state, impl: str) -> None:
+def step_groups(cbs: Sequence[Callable], groups: Iterable[dict], state, impl: str,
+                master_weights: bool = True) -> None:
     """Run the chain over every group (the eager paths)."""
     max_params = 1 if impl == "reference" else None
     plan = []
@@ -171,4 +184,4 @@ def step_groups(cbs: Sequence[Callable], groups: Iterable[dict], state, impl: st
         plan.append((make_buckets(group, state, max_params), hyper))
     for buckets, hyper in plan:
         for bucket in buckets:
-            run_chain(cbs, bucket, state, hyper)
+            run_chain(cbs, bucket, state, hyper, master_weights)

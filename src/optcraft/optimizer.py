@@ -87,6 +87,9 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
             `cb(p, **{**state, **hypers})` runs per parameter.  Each may carry `defaults`.
         train_bn: kept for fastai compatibility (used by fastai's Learner, not here).
         impl: "auto", "reference", "foreach", "fused" or "compiled" (see `optcraft.engine`).
+        master_weights: for float16/bfloat16 parameters, run the chain on a float32 master copy
+            with float32 state (default), or on the parameter itself (False; torch's behaviour).
+            See `optcraft.precision`.
         **defaults: hyperparameters, overriding the callbacks' defaults; a scalar, a list with one
             value per group, or a slice (see `set_hyper`).  torch's names `betas`, `momentum` and
             `weight_decay` are accepted for `(mom, sqr_mom)`, `mom` and `wd`.
@@ -94,9 +97,13 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
 
     _keep_on_clear = ("force_train", "do_wd")
 
-    def __init__(self, params, cbs, train_bn: bool = True, impl: str = "auto", **defaults):
+    def __init__(self, params, cbs, train_bn: bool = True, impl: str = "auto",
+                 master_weights: bool = True, **defaults):
         self.cbs = _as_callbacks(cbs)
         self.train_bn, self.frozen_idx = train_bn, 0
+        if not isinstance(master_weights, bool):
+            raise TypeError(f"master_weights must be True or False, got {master_weights!r}")
+        self.master_weights = master_weights
         self.impl = engine.check_impl(impl)
         groups = _as_groups(params)
         merged = hp.merge_defaults(self.cbs, hp.canonical_names(defaults))
@@ -174,7 +181,8 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_before_step()
-        engine.step_groups(self.cbs, self.param_groups, self.state, self.impl)
+        engine.step_groups(self.cbs, self.param_groups, self.state, self.impl,
+                           self.master_weights)
         return loss
 
     def _check_before_step(self) -> None:
@@ -225,7 +233,8 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
             post_hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
-        extra = {k: self.__dict__[k] for k in ("cbs", "train_bn", "frozen_idx", "impl")}
+        extra = {k: self.__dict__[k]
+                 for k in ("cbs", "train_bn", "frozen_idx", "impl", "master_weights")}
         return {**super().__getstate__(), **extra}
 
     def __setstate__(self, state: dict[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """The named optimizers of fastai's optimizer module (seed 001): each a chain of blocks.
 
 Every recipe takes fastai's names (`mom`, `sqr_mom`, `wd`) and torch's (`momentum`, `betas`,
-`weight_decay`), and `impl` (see `optcraft.engine`).  `decouple_wd=True` decays the weights
+`weight_decay`), `impl` (see `optcraft.engine`) and `master_weights` (see `optcraft.precision`).  `decouple_wd=True` decays the weights
 directly (AdamW-style); `False` adds `wd * p` to the gradient (L2 regularisation).
 """
 from __future__ import annotations
@@ -21,56 +21,56 @@ def decay(decouple_wd: bool):
 
 
 @torch_names
-def SGD(params, lr, mom=0.0, wd=0.0, decouple_wd=True, impl="auto"):
+def SGD(params, lr, mom=0.0, wd=0.0, decouple_wd=True, impl="auto", master_weights=True):
     """SGD, with momentum when `mom > 0`: `grad_avg <- mom * grad_avg + g`, `p <- p - lr * grad_avg`."""
     cbs = [decay(decouple_wd)]
     if mom != 0:
         cbs.append(average_grad)
     cbs.append(sgd_step if mom == 0 else momentum_step)
-    return Optimizer(params, cbs, lr=lr, mom=mom, wd=wd, impl=impl)
+    return Optimizer(params, cbs, lr=lr, mom=mom, wd=wd, impl=impl, master_weights=master_weights)
 
 
 @torch_names
-def RMSProp(params, lr, sqr_mom=0.99, mom=0.0, wd=0.0, decouple_wd=True, impl="auto"):
+def RMSProp(params, lr, sqr_mom=0.99, mom=0.0, wd=0.0, decouple_wd=True, impl="auto", master_weights=True):
     """RMSProp (Hinton, 2012): `p <- p - lr * d / (sqrt(sqr_avg) + eps)`, d the gradient or its
     momentum average when `mom > 0`; `sqr_mom` is the course's alpha."""
     cbs = [decay(decouple_wd)]
     cbs += [average_sqr_grad] if mom == 0 else [average_grad, average_sqr_grad]
     cbs.append(rms_prop_step)
-    return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, wd=wd, impl=impl)
+    return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, wd=wd, impl=impl, master_weights=master_weights)
 
 
 @torch_names
-def Adam(params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01, decouple_wd=True, impl="auto"):
+def Adam(params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01, decouple_wd=True, impl="auto", master_weights=True):
     """Adam (Kingma & Ba, 2015), AdamW with `decouple_wd=True` (Loshchilov & Hutter, 2019)."""
     cbs = [decay(decouple_wd), partial(average_grad, dampening=True), average_sqr_grad,
            step_stat, adam_step]
-    return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, impl=impl)
+    return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, impl=impl, master_weights=master_weights)
 
 
 @torch_names
 def RAdam(params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.0, beta=0.0, decouple_wd=True,
-          impl="auto"):
+          impl="auto", master_weights=True):
     """Rectified Adam (Liu et al., 2020); SAdam's softplus denominator with `beta > 0`."""
     cbs = [decay(decouple_wd), partial(average_grad, dampening=True), average_sqr_grad,
            step_stat, radam_step]
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, beta=beta,
-                     impl=impl)
+                     impl=impl, master_weights=master_weights)
 
 
 @torch_names
 def QHAdam(params, lr, mom=0.999, sqr_mom=0.999, nu_1=0.7, nu_2=1.0, eps=1e-8, wd=0.0,
-           decouple_wd=True, impl="auto"):
+           decouple_wd=True, impl="auto", master_weights=True):
     """Quasi-hyperbolic Adam (Ma & Yarats, 2019): Adam when nu_1 = nu_2 = 1."""
     cbs = [decay(decouple_wd), partial(average_grad, dampening=True),
            partial(average_sqr_grad, dampening=True), step_stat, qhadam_step]
     return Optimizer(params, cbs, lr=lr, nu_1=nu_1, nu_2=nu_2, mom=mom, sqr_mom=sqr_mom, eps=eps,
-                     wd=wd, impl=impl)
+                     wd=wd, impl=impl, master_weights=master_weights)
 
 
 @torch_names
 def Larc(params, lr, mom=0.9, clip=True, trust_coeff=0.02, eps=1e-8, wd=0.0, decouple_wd=True,
-         impl="auto"):
+         impl="auto", master_weights=True):
     """LARC (`clip=True`) or LARS (`clip=False`) (You et al., 2017): SGD with momentum at a
     per-layer learning rate `lr * trust_coeff * |p| / (|g| + wd |p| + eps)`."""
     cbs = [decay(decouple_wd)]
@@ -78,21 +78,21 @@ def Larc(params, lr, mom=0.9, clip=True, trust_coeff=0.02, eps=1e-8, wd=0.0, dec
         cbs.append(average_grad)
     cbs += [partial(larc_layer_lr, clip=clip), larc_step]
     return Optimizer(params, cbs, lr=lr, mom=mom, trust_coeff=trust_coeff, eps=eps, wd=wd,
-                     impl=impl)
+                     impl=impl, master_weights=master_weights)
 
 
 @torch_names
-def Lamb(params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.0, decouple_wd=True, impl="auto"):
+def Lamb(params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.0, decouple_wd=True, impl="auto", master_weights=True):
     """LAMB (You et al., 2020), fastai's form: Adam's update scaled per layer by
     min(rms(p) / rms(update), 10)."""
     cbs = [decay(decouple_wd), partial(average_grad, dampening=True), average_sqr_grad,
            step_stat, lamb_step]
-    return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, impl=impl)
+    return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, impl=impl, master_weights=master_weights)
 
 
 @torch_names
 def ranger(p, lr, mom=0.95, wd=0.01, eps=1e-6, sqr_mom=0.99, beta=0.0, decouple_wd=True,
-           k=6, alpha=0.5, impl="auto"):
+           k=6, alpha=0.5, impl="auto", master_weights=True):
     """Ranger (Wright, 2019): `Lookahead(RAdam(...), k, alpha)`."""
     return Lookahead(RAdam(p, lr=lr, mom=mom, wd=wd, eps=eps, sqr_mom=sqr_mom, beta=beta,
-                           decouple_wd=decouple_wd, impl=impl), k=k, alpha=alpha)
+                           decouple_wd=decouple_wd, impl=impl, master_weights=master_weights), k=k, alpha=alpha)
