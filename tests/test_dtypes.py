@@ -113,3 +113,21 @@ def test_bfloat16_training_tracks_float32():
     assert acc32 > 0.85
     assert abs(loss16 - loss32) <= 0.1 * loss32
     assert abs(acc16 - acc32) <= 0.03
+
+
+def test_lookahead_on_half_precision_follows_float32():
+    """Lookahead's slow weights and synchronisation act on the float32 master copy."""
+    torch.manual_seed(0)
+    p16 = torch.randn(30).to(torch.bfloat16).requires_grad_()
+    p32 = p16.detach().float().requires_grad_()
+    o16 = oc.Lookahead(oc.SGD([p16], lr=0.01, mom=0.9), k=3)
+    o32 = oc.Lookahead(oc.SGD([p32], lr=0.01, mom=0.9), k=3)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(10):
+        grad = torch.randn(30, generator=g).to(torch.bfloat16)
+        p16.grad, p32.grad = grad, grad.float()
+        o16.step()
+        o32.step()
+    assert torch.equal(o16.state[p16]["master_weight"], p32.detach())
+    assert torch.equal(p16.detach(), p32.detach().to(torch.bfloat16))
+    assert o16.state[p16]["slow_weight"].dtype == torch.float32

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import hypers as hp
+from . import hypers as hp, precision
 from .optimizer import _FastaiAPI
 from .tensorlist import TensorList
 
@@ -119,19 +119,31 @@ class Lookahead(_Delegating):
         for group in self.param_groups:
             for p in group["params"]:
                 if "slow_weight" not in self.state[p]:
-                    self.state[p]["slow_weight"] = p.detach().clone()
+                    # float32 for half-precision parameters, like their master copies
+                    dtype = torch.float32 if p.dtype in precision.LOW_PRECISION else p.dtype
+                    self.state[p]["slow_weight"] = p.detach().to(dtype, copy=True)
 
     @torch.no_grad()
     def _synchronise(self) -> None:
-        by_kind: dict[tuple, tuple[list, list]] = {}
+        by_kind: dict[tuple, tuple[list, list, list]] = {}
         for group in self.param_groups:
             for p in group["params"]:
-                slow, fast = by_kind.setdefault((p.device, p.dtype), ([], []))
-                slow.append(self.state[p]["slow_weight"])
-                fast.append(p)
-        for slow, fast in by_kind.values():
+                st = self.state[p]
+                # The fast weights are the master copy where the inner optimizer keeps one.
+                fast = st.get(precision.MASTER, p)
+                slow_list, fast_list, params = by_kind.setdefault(
+                    (p.device, fast.dtype, fast is p), ([], [], []))
+                slow_list.append(st["slow_weight"].to(fast.dtype))
+                fast_list.append(fast)
+                params.append(p)
+        for (_, _, is_param), (slow, fast, params) in by_kind.items():
             TensorList(slow).lerp_(fast, self.alpha)
             TensorList(fast).copy_(slow)
+            if not is_param:
+                precision.write_back(params, fast)
+            for p, s in zip(params, slow):
+                if self.state[p]["slow_weight"] is not s:
+                    self.state[p]["slow_weight"].copy_(s)
 
     def clear_state(self) -> None:
         clear = getattr(self.opt, "clear_state", None)
