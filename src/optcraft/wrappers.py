@@ -107,21 +107,35 @@ class Lookahead(_Delegating):
             group[k] = v
 
     def step(self, closure: Callable | None = None):
-        self._copy_missing_slow_weights()
-        loss = self.opt.step(closure)
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        else:
+            loss = None
+        # Like torch.optim, a step in which no parameter has a gradient changes nothing.
+        if not self._copy_missing_slow_weights():
+            return loss
+        self.opt.step()
         self.count += 1
         if self.count % self.k == 0:
             self._synchronise()
         return loss
 
     @torch.no_grad()
-    def _copy_missing_slow_weights(self) -> None:
+    def _copy_missing_slow_weights(self) -> bool:
+        """Start the slow weights of parameters seen with a gradient for the first time; return
+        whether any parameter has a gradient."""
+        any_grad = False
         for group in self.param_groups:
             for p in group["params"]:
+                if p.grad is None:
+                    continue
+                any_grad = True
                 if "slow_weight" not in self.state[p]:
                     # float32 for half-precision parameters, like their master copies
                     dtype = torch.float32 if p.dtype in precision.LOW_PRECISION else p.dtype
                     self.state[p]["slow_weight"] = p.detach().to(dtype, copy=True)
+        return any_grad
 
     @torch.no_grad()
     def _synchronise(self) -> None:
@@ -129,6 +143,8 @@ class Lookahead(_Delegating):
         for group in self.param_groups:
             for p in group["params"]:
                 st = self.state[p]
+                if "slow_weight" not in st:  # never had a gradient: nothing to average
+                    continue
                 # The fast weights are the master copy where the inner optimizer keeps one.
                 fast = st.get(precision.MASTER, p)
                 slow_list, fast_list, params = by_kind.setdefault(
