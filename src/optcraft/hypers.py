@@ -231,6 +231,12 @@ def check_known(name: str, known: set) -> None:
                      f"{', '.join(sorted(known)) or 'none'})")
 
 
+def current_value(value, step: int):
+    """The value a hyperparameter has at `step`: a schedule's value, or the value itself."""
+    from .schedules import is_schedule
+    return value(step) if is_schedule(value) else value
+
+
 def validate_group(values: Mapping[str, Any], group: int | None = None) -> None:
     for name, value in values.items():
         if name not in ("params", "param_names"):

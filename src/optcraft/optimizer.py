@@ -13,6 +13,7 @@ import torch
 
 from . import engine, hypers as hp
 from .blocks.base import unwrap_partial
+from .schedules import is_schedule
 
 
 class _FastaiAPI:
@@ -71,8 +72,9 @@ class _FastaiAPI:
     def _spread_and_check(self, k, v) -> list:
         hp.check_known(k, {name for h in self.hypers for name in h})
         values = hp.spread(k, v, len(self.param_lists))
+        step = getattr(self, "schedule_step", 0)
         for i, value in enumerate(values):
-            hp.validate(k, value, i)
+            hp.validate(k, hp.current_value(value, step), i)
         return values
 
 
@@ -104,6 +106,8 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
         if not isinstance(master_weights, bool):
             raise TypeError(f"master_weights must be True or False, got {master_weights!r}")
         self.master_weights = master_weights
+        # Per group: the schedules (name -> callable) and the values last written from them.
+        self.schedule_step, self._schedules, self._written = 0, [], []
         self.impl = engine.check_impl(impl)
         groups = _as_groups(params)
         merged = hp.merge_defaults(self.cbs, hp.canonical_names(defaults))
@@ -123,6 +127,10 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
         group = hp.ParamGroup(hp.canonical_names(param_group, where))
         for k, v in self.defaults.items():
             group.setdefault(k, v)
+        schedules = {k: v for k, v in group.items() if k not in engine.HIDDEN_GROUP_KEYS
+                     and is_schedule(v)}
+        for k, schedule in schedules.items():
+            group[k] = schedule(self.schedule_step)
         hp.validate_group(group, len(self.param_groups))
         params = group.get("params")
         if params is None:
@@ -138,6 +146,8 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
         if len({id(p) for p in tensors}) != len(tensors):
             raise ValueError(f"{where}a parameter appears more than once in the group")
         super().add_param_group(group)
+        self._schedules.append(schedules)
+        self._written.append({k: group[k] for k in schedules})
 
     @property
     def hypers(self) -> list[hp.HyperView]:
@@ -170,8 +180,30 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
             group["params"] = params
 
     def _set_hyper(self, k, values) -> None:
-        for group, v in zip(self.param_groups, values):
+        """Set `k` in every group; a schedule is installed, a value removes the schedule."""
+        for group, schedules, written, v in zip(self.param_groups, self._schedules,
+                                                self._written, values):
+            if is_schedule(v):
+                schedules[k] = v
+                v = written[k] = v(self.schedule_step)
+            else:
+                schedules.pop(k, None)
+                written.pop(k, None)
             group[k] = v
+
+    def _apply_schedules(self) -> None:
+        """Write every schedule's value for this step into param_groups (see optcraft.schedules)."""
+        for i, (group, schedules, written) in enumerate(zip(self.param_groups, self._schedules,
+                                                            self._written)):
+            for k, schedule in schedules.items():
+                if k in written and group.get(k) is not written[k] and group.get(k) != written[k]:
+                    warnings.warn(f"{k} (parameter group {i}) was changed from outside the "
+                                  f"optimizer, but it follows a schedule, which owns it: the "
+                                  f"schedule's value is used. Use set_hyper({k!r}, value) to drop "
+                                  f"the schedule.", stacklevel=3)
+                value = schedule(self.schedule_step)
+                hp.validate(k, value, i)
+                group[k] = written[k] = value
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
@@ -180,9 +212,11 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._apply_schedules()
         self._check_before_step()
         engine.step_groups(self.cbs, self.param_groups, self.state, self.impl,
                            self.master_weights)
+        self.schedule_step += 1
         return loss
 
     def _check_before_step(self) -> None:
@@ -216,6 +250,12 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
             self.state[p] = kept
 
     # ---- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """torch's format, plus `schedule_step` (the step count schedules see)."""
+        sd = super().state_dict()
+        sd["schedule_step"] = self.schedule_step
+        return sd
+
     @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict) -> None:
         """Load torch's state-dict format; everything is checked before anything changes, and a
@@ -227,14 +267,22 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
             if result is not None:
                 state_dict = result
         state, groups = _checked_state(self, state_dict)
+        schedule_step = state_dict.get("schedule_step", 0)
+        if isinstance(schedule_step, bool) or not isinstance(schedule_step, int) or \
+                schedule_step < 0:
+            raise ValueError(f"schedule_step must be an integer >= 0, got {schedule_step!r}")
         self.state = state
         self.param_groups = groups
+        self.schedule_step = schedule_step
+        self._written = [{k: g[k] for k in sched if k in g}
+                         for g, sched in zip(groups, self._schedules)]
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
         extra = {k: self.__dict__[k]
-                 for k in ("cbs", "train_bn", "frozen_idx", "impl", "master_weights")}
+                 for k in ("cbs", "train_bn", "frozen_idx", "impl", "master_weights",
+                           "schedule_step", "_schedules", "_written")}
         return {**super().__getstate__(), **extra}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
