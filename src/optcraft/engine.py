@@ -2,9 +2,10 @@
 
 No algorithm knows which path runs it.  The engine splits a group's parameters (those with a
 gradient) into *buckets* that can share one vectorised call: same device, same dtype, the same
-state keys, and the same non-tensor state values (`step`, `do_wd`, ...), so that a per-parameter
-flag such as `do_wd=False` is honoured without splitting the user's groups.  Then it runs the chain
-on each bucket with one of the paths:
+DTensor layout (FSDP2's sharded parameters), the same state keys, and the same non-tensor state
+values (`step`, `do_wd`, ...), so that a per-parameter flag such as `do_wd=False` is honoured
+without splitting the user's groups.  A complex parameter runs as its real view (`as_real`).  Then
+it runs the chain on each bucket with one of the paths:
 
 * ``reference``: one parameter at a time, the semantics oracle of the tests;
 * ``foreach``: every bucket at once through `TensorList` (torch._foreach_* kernels);
@@ -20,7 +21,7 @@ import torch
 
 from . import precision
 from .blocks.base import vectorised
-from .tensorlist import ParamList, TensorList
+from .tensorlist import ParamList, TensorList, distribution_of
 
 IMPLS = ("auto", "reference", "foreach", "fused", "compiled")
 HIDDEN_GROUP_KEYS = ("params", "param_names")
@@ -42,7 +43,8 @@ class Bucket:
         self.tensor_keys, self.scalars = tensor_keys, scalars
 
     def gather(self, state) -> dict[str, Any]:
-        found = {k: TensorList([state[p][k] for p in self.params]) for k in self.tensor_keys}
+        found = {k: TensorList([as_real(state[p][k]) for p in self.params])
+                 for k in self.tensor_keys}
         found.update(self.scalars)
         return found
 
@@ -50,13 +52,31 @@ class Bucket:
         for key, value in values.items():
             if isinstance(value, TensorList):
                 for p, v in zip(self.params, value.tensors):
-                    state[p][key] = v
+                    state[p][key] = _like_param(v, p)
             elif isinstance(value, PerParam):
                 for p, v in zip(self.params, value):
                     state[p][key] = v
             else:
                 for p in self.params:
                     state[p][key] = value
+
+
+def as_real(t: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as its real view (a trailing dimension of 2), as torch.optim does: every
+    block then treats the real and imaginary parts as two real numbers.  For the per-tensor norms
+    of LARC and LAMB this changes nothing, since |z|^2 = re^2 + im^2 element by element."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _like_param(value, p: torch.Tensor):
+    """State a block made from the real view of a complex parameter, stored as complex (the
+    parameter's shape, as torch.optim keeps it) so checkpoints hold the parameter's shape."""
+    if p.is_complex() and isinstance(value, torch.Tensor) and not value.is_complex() and \
+            value.dim() == p.dim() + 1 and value.shape[-1] == 2:
+        if value.stride(-1) != 1 or any(s % 2 for s in value.stride()[:-1]):
+            value = value.contiguous()
+        return torch.view_as_complex(value)
+    return value
 
 
 class PerParam(list):
@@ -88,9 +108,9 @@ def make_buckets(group: dict, state, max_params: int | None = None) -> list[Buck
                                    if not isinstance(v, torch.Tensor)))
         else:
             tensor_keys, scalars = (), ()
-        keyed[(p.device, p.dtype, tensor_keys, scalars)].append(p)
+        keyed[(p.device, p.dtype, distribution_of(p), tensor_keys, scalars)].append(p)
     buckets = []
-    for (_, _, tensor_keys, _), params in keyed.items():
+    for (_, _, _, tensor_keys, _), params in keyed.items():
         st = state.get(params[0]) or {}
         scalars = {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
         step = max_params or len(params)
@@ -127,7 +147,8 @@ def run_chain(cbs: Sequence[Callable], bucket: Bucket, state, hyper: dict,
         masters = precision.masters_of(bucket.params, state)
         params = ParamList(masters, precision.upcast(bucket.grads))
     else:
-        params = ParamList(bucket.params, bucket.grads)
+        params = ParamList([as_real(p) for p in bucket.params],
+                           [as_real(g) for g in bucket.grads])
     for cb in cbs:
         fn = vectorised(cb)
         if fn is not None:

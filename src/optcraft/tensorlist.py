@@ -204,7 +204,13 @@ class TensorList:
         return self
 
     def copy_(self, src) -> "TensorList":
-        torch._foreach_copy_(self.tensors, _as_list(src, len(self)))
+        src = _as_list(src, len(self))
+        try:
+            torch._foreach_copy_(self.tensors, src)
+        except NotImplementedError:
+            # DTensor (FSDP2's sharded parameters) has no sharding rule for foreach copy.
+            for t, s in zip(self.tensors, src):
+                t.copy_(s)
         return self
 
     def zero_(self) -> "TensorList":
@@ -327,10 +333,16 @@ def _per_tensor(x, n):
     return [x] * n
 
 
+#: With one scalar for all tensors these are torch's clamp kernels (DTensor knows only the latter).
+_SCALAR_FORMS = {"maximum": "clamp_min", "minimum": "clamp_max"}
+
+
 def _foreach_binary(op: str, tensors: list, other, alpha=1, inplace=False):
-    fn = getattr(torch, f"_foreach_{op}_" if inplace else f"_foreach_{op}")
     if isinstance(other, TensorList):
         other = other.tensors
+    if op in _SCALAR_FORMS and not isinstance(other, list):
+        op = _SCALAR_FORMS[op]
+    fn = getattr(torch, f"_foreach_{op}_" if inplace else f"_foreach_{op}")
     if op in ("add", "sub") and alpha != 1:
         if isinstance(other, list):
             return fn(tensors, other, alpha=alpha)
@@ -343,6 +355,13 @@ def _foreach_binary(op: str, tensors: list, other, alpha=1, inplace=False):
 
 
 # ---- scalar functions: Python numbers stay Python numbers, tensors stay tensors ---------------
+
+def distribution_of(t: torch.Tensor):
+    """How a DTensor (FSDP2's sharded parameter) is laid out, `(mesh, placements)`, or None for a
+    plain tensor: tensors laid out differently cannot share one foreach call."""
+    mesh = getattr(t, "device_mesh", None)
+    return None if mesh is None else (mesh, tuple(t.placements))
+
 
 def is_tensorish(x) -> bool:
     return isinstance(x, (torch.Tensor, TensorList))

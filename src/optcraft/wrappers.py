@@ -73,6 +73,27 @@ class _Delegating(_FastaiAPI, torch.optim.Optimizer):
     def zero_grad(self, *args, **kwargs) -> None:
         self.opt.zero_grad(*args, **kwargs)
 
+    # The hooks a user registers on the wrapper fire around the inner optimizer's own, in torch's
+    # order and with torch's return-value rules.
+    def state_dict(self) -> dict[str, Any]:
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        sd = self._state_dict()
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._load_state_dict(state_dict)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items()}
 
@@ -149,8 +170,9 @@ class Lookahead(_Delegating):
                 fast = st.get(precision.MASTER, p)
                 slow_list, fast_list, params = by_kind.setdefault(
                     (p.device, fast.dtype, fast is p), ([], [], []))
-                slow_list.append(st["slow_weight"].to(fast.dtype))
-                fast_list.append(fast)
+                # complex tensors as their real views, as the engine runs them
+                slow_list.append(_real(st["slow_weight"].to(fast.dtype)))
+                fast_list.append(_real(fast))
                 params.append(p)
         for (_, _, is_param), (slow, fast, params) in by_kind.items():
             TensorList(slow).lerp_(fast, self.alpha)
@@ -158,8 +180,9 @@ class Lookahead(_Delegating):
             if not is_param:
                 precision.write_back(params, fast)
             for p, s in zip(params, slow):
-                if self.state[p]["slow_weight"] is not s:
-                    self.state[p]["slow_weight"].copy_(s)
+                if _real(self.state[p]["slow_weight"]).data_ptr() != s.data_ptr() or \
+                        _real(self.state[p]["slow_weight"]).dtype != s.dtype:
+                    _real(self.state[p]["slow_weight"]).copy_(s)
 
     def clear_state(self) -> None:
         clear = getattr(self.opt, "clear_state", None)
@@ -170,12 +193,12 @@ class Lookahead(_Delegating):
                 self.state[p] = {}
         self.count = 0
 
-    def state_dict(self) -> dict[str, Any]:
+    def _state_dict(self) -> dict[str, Any]:
         sd = self.opt.state_dict()
         sd["lookahead"] = {"count": self.count, "k": self.k, "alpha": self.alpha}
         return sd
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def _load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
         extra = state_dict.pop("lookahead", None)
         if not isinstance(extra, dict) or "count" not in extra:
@@ -185,6 +208,10 @@ class Lookahead(_Delegating):
 
     def __repr__(self) -> str:
         return f"Lookahead(k={self.k}, alpha={self.alpha}) of {self.opt!r}"
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 # ---- OptimWrapper ----------------------------------------------------------------------------
@@ -259,10 +286,10 @@ class OptimWrapper(_Delegating):
         for p in list(self.opt.state):
             self.opt.state[p] = {}
 
-    def state_dict(self) -> dict[str, Any]:
+    def _state_dict(self) -> dict[str, Any]:
         return self.opt.state_dict()
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def _load_state_dict(self, state_dict: dict) -> None:
         self.opt.load_state_dict(state_dict)
 
     def __repr__(self) -> str:
