@@ -1,9 +1,12 @@
 """Layer-wise adaptation: a learning rate per tensor from its norms (LARS/LARC, LAMB)."""
 from __future__ import annotations
 
+import torch
+
 from ..tensorlist import minimum, where
 from .base import block
-from .steps import _adam_denominator, debias
+from .decay import _may_be_nonzero
+from .steps import debias
 
 
 @block(defaults=dict(trust_coeff=0.02, wd=0.0, eps=1e-8), state=("local_lr",))
@@ -22,15 +25,36 @@ def larc_step(p, local_lr, grad_avg=None, **kwargs):
     p.add_(grad_avg if grad_avg is not None else p.grad, alpha=-local_lr)
 
 
-@block(defaults=dict(eps=1e-6))
-def lamb_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, **kwargs):
-    """LAMB (You et al., 2020, arXiv:1904.00962), fastai's form with RMS norms:
-    `u = (grad_avg / debias1) / (sqrt(sqr_avg / debias2) + eps)`,
-    `q = min(rms(p) / rms(u), 10)` (1 where either is 0), `p <- p - lr * q * u`."""
+@block(defaults=dict(eps=1e-6, eps_root=0.0, wd=0.0),
+       static=("norm", "wd_in_ratio", "max_ratio"))
+def lamb_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, eps_root=0.0, wd=0.0,
+              do_wd=True, norm="rms", wd_in_ratio=False, max_ratio=10.0, **kwargs):
+    """LAMB (You et al., 2020, arXiv:1904.00962), one implementation for its published forms:
+
+    `u = (grad_avg / debias1) / (sqrt(sqr_avg / debias2 + eps_root) + eps)`,
+    `u <- u + wd * p` when `wd_in_ratio` (the paper's and optax's form; `do_wd=False` in a
+    parameter's state skips it), `q = min(|p| / |u|, max_ratio)` with `|.|` the RMS (`norm="rms"`,
+    fastai) or the L2 norm (`norm="l2"`, the paper and optax), `q = 1` where either norm is 0,
+    `p <- p - lr * q * u`.
+
+    The defaults are fastai's `Lamb` (seed 001): RMS norms, ratio clipped at 10, weight decay left
+    to a separate `weight_decay` block.  optax's `lamb` is `norm="l2", wd_in_ratio=True,
+    max_ratio=None` (no clipping).
+    """
+    if norm not in ("rms", "l2"):
+        raise ValueError(f"lamb_step: norm must be 'rms' or 'l2', got {norm!r}")
     debias1 = debias(mom, 1 - mom, step)
     debias2 = debias(sqr_mom, 1 - sqr_mom, step)
-    r1 = p.rms()
-    update = grad_avg.div(_adam_denominator(sqr_avg, debias2, eps)).div_(debias1)
-    r2 = update.rms()
-    q = where((r1 == 0) | (r2 == 0), 1.0, r1.div(r2).clamp_max_(10.0))
+    denom = sqr_avg.div(debias2)
+    if isinstance(eps_root, torch.Tensor) or eps_root != 0:
+        denom.add_(eps_root)
+    update = grad_avg.div(denom.sqrt_().add_(eps)).div_(debias1)
+    if wd_in_ratio and do_wd and _may_be_nonzero(wd):
+        update.add_(p, alpha=wd)
+    size = (lambda t: t.rms()) if norm == "rms" else (lambda t: t.norm())
+    r1, r2 = size(p), size(update)
+    ratio = r1.div(r2)
+    if max_ratio is not None:
+        ratio = ratio.clamp_max_(max_ratio)
+    q = where((r1 == 0) | (r2 == 0), 1.0, ratio)
     p.add_(update.mul_(q), alpha=-lr)
