@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from . import precision
-from .blocks.base import vectorised
+from .blocks.base import unwrap_partial, vectorised
 from .tensorlist import ParamList, TensorList, distribution_of
 
 IMPLS = ("auto", "reference", "foreach", "fused", "compiled")
@@ -91,10 +91,31 @@ def _freeze(value):
         return ("<unhashable>", id(value))
 
 
-def make_buckets(group: dict, state, max_params: int | None = None) -> list[Bucket]:
+#: The foreach path's buckets hold at most this many elements, or the largest parameter when
+#: that is bigger: the temporaries a block makes (Adam's denominator, LAMB's update) then never
+#: span the whole model, while small tensors still share one foreach call.
+MIN_CHUNK_NUMEL = 1 << 20
+
+
+def _chunks(params: list, max_numel: int | None) -> list[list]:
+    if max_numel is None:
+        return [params]
+    chunks, current, size = [], [], 0
+    for p in params:
+        if current and size + p.numel() > max_numel:
+            chunks.append(current)
+            current, size = [], 0
+        current.append(p)
+        size += p.numel()
+    return chunks + [current] if current else chunks
+
+
+def make_buckets(group: dict, state, max_params: int | None = None,
+                 max_numel: int | None = None) -> list[Bucket]:
     """Split a group's parameters that have a gradient into buckets (see module docstring).
 
-    `max_params=1` gives one bucket per parameter (the reference path).
+    `max_params=1` gives one bucket per parameter (the reference path); `max_numel` bounds the
+    elements of a bucket (a parameter bigger than that is a bucket of its own).
     """
     keyed: dict[tuple, list] = defaultdict(list)
     for p in group["params"]:
@@ -115,8 +136,8 @@ def make_buckets(group: dict, state, max_params: int | None = None) -> list[Buck
         scalars = {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
         step = max_params or len(params)
         for i in range(0, len(params), step):
-            chunk = params[i:i + step]
-            buckets.append(Bucket(chunk, [p.grad for p in chunk], tensor_keys, scalars))
+            for chunk in _chunks(params[i:i + step], max_numel):
+                buckets.append(Bucket(chunk, [p.grad for p in chunk], tensor_keys, scalars))
     return buckets
 
 
@@ -134,21 +155,10 @@ def _plain_scalars(hyper: dict) -> dict:
     return out
 
 
-def run_chain(cbs: Sequence[Callable], bucket: Bucket, state, hyper: dict,
-              master_weights: bool = True) -> None:
-    """fastai's step for every parameter of `bucket`: each callback in turn gets the parameters
-    and `{**state, **hyper}` and may return a dict of new state.
-
-    Half-precision parameters run on their float32 master copies (see `optcraft.precision`)."""
-    values = bucket.gather(state)
-    values.pop(precision.MASTER, None)
-    with_master = precision.uses_master(bucket.params[0].dtype, master_weights)
-    if with_master:
-        masters = precision.masters_of(bucket.params, state)
-        params = ParamList(masters, precision.upcast(bucket.grads))
-    else:
-        params = ParamList([as_real(p) for p in bucket.params],
-                           [as_real(g) for g in bucket.grads])
+def apply_chain(cbs: Sequence[Callable], params: ParamList, values: dict, hyper: dict) -> dict:
+    """fastai's step for every parameter of a bucket: each callback in turn gets the parameters
+    and `{**state, **hyper}` and may return a dict of new state.  Returns the state after it."""
+    values = dict(values)
     for cb in cbs:
         fn = vectorised(cb)
         if fn is not None:
@@ -157,6 +167,32 @@ def run_chain(cbs: Sequence[Callable], bucket: Bucket, state, hyper: dict,
             result = _run_per_parameter(cb, params, values, hyper)
         if isinstance(result, dict):
             values.update(result)
+    return values
+
+
+def run_bucket(cbs: Sequence[Callable], bucket: Bucket, state, hyper: dict,
+               master_weights: bool = True, kernel: Callable | None = None) -> None:
+    """One step of a bucket: the chain (or `kernel`, a fused or compiled form of it) on the
+    parameters, and the new state written back.
+
+    `kernel(bucket, state, hyper, params, eager)` returns the new state; `eager()` runs the chain
+    as the foreach path does.  Half-precision parameters run on their float32 master copies (see
+    `optcraft.precision`); complex ones as their real views."""
+    with_master = precision.uses_master(bucket.params[0].dtype, master_weights)
+    if with_master:
+        masters = precision.masters_of(bucket.params, state)
+        params = ParamList(masters, precision.upcast(bucket.grads))
+    else:
+        params = ParamList([as_real(p) for p in bucket.params],
+                           [as_real(g) for g in bucket.grads])
+
+    def eager() -> dict:
+        values = bucket.gather(state)
+        values.pop(precision.MASTER, None)
+        return apply_chain(cbs, params, values, hyper)
+
+    values = eager() if kernel is None else kernel(bucket, state, hyper, params, eager)
+    values.pop(precision.MASTER, None)
     bucket.scatter(state, values)
     if with_master:
         precision.write_back(bucket.params, masters)
@@ -195,14 +231,55 @@ def _run_per_parameter(cb, params: ParamList, values: dict, hyper: dict) -> dict
     return merged
 
 
+def resolve(impl: str, cbs: Sequence[Callable]) -> str:
+    """The path `impl` runs `cbs` on: "auto" is "fused" where torch has a kernel for the chain,
+    else "foreach"; "fused" for a chain torch has no kernel for is an error."""
+    from . import fused
+
+    has_kernel = fused.recognise(cbs) is not None
+    if impl == "auto":
+        return "fused" if has_kernel else "foreach"
+    if impl == "fused" and not has_kernel:
+        names = " -> ".join(getattr(unwrap_partial(cb)[0], "__name__", repr(cb)) for cb in cbs)
+        raise ValueError(f"impl='fused': torch has no fused kernel for the chain {names} (only "
+                         f"SGD and Adam/AdamW chains have one); use impl='auto', 'foreach' or "
+                         f"'compiled'")
+    return impl
+
+
+def kernel_for(impl: str, cbs: Sequence[Callable]) -> Callable | None:
+    """The bucket kernel of a resolved path (None: run the chain eagerly)."""
+    if impl == "fused":
+        from . import fused
+
+        step = fused.recognise(cbs)
+
+        def fused_kernel(bucket, state, hyper, params, eager):
+            if not fused.layouts_match(params.tensors, params.grad.tensors, bucket, state):
+                return eager()
+            return step(bucket, state, hyper, params.tensors, params.grad.tensors)
+        return fused_kernel
+    if impl == "compiled":
+        from .compiled import CompiledChain
+
+        return CompiledChain(cbs)
+    return None
+
+
 def step_groups(cbs: Sequence[Callable], groups: Iterable[dict], state, impl: str,
-                master_weights: bool = True) -> None:
-    """Run the chain over every group (the eager paths)."""
+                master_weights: bool = True, kernel: Callable | None = None) -> None:
+    """Run the chain over every group with the resolved path `impl` (see `resolve`) and its
+    `kernel` (see `kernel_for`)."""
     max_params = 1 if impl == "reference" else None
     plan = []
     for group in groups:
         hyper = _plain_scalars(hypers_of(group))
-        plan.append((make_buckets(group, state, max_params), hyper))
+        # Only the eager foreach path makes temporaries the size of its bucket (fused kernels and
+        # inductor's loops make none, and a compiled bucket should stay one graph).
+        max_numel = None
+        if impl == "foreach":
+            max_numel = max([MIN_CHUNK_NUMEL] + [p.numel() for p in group["params"]])
+        plan.append((make_buckets(group, state, max_params, max_numel), hyper))
     for buckets, hyper in plan:
         for bucket in buckets:
-            run_chain(cbs, bucket, state, hyper, master_weights)
+            run_bucket(cbs, bucket, state, hyper, master_weights, kernel)

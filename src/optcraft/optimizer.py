@@ -109,6 +109,7 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
         # Per group: the schedules (name -> callable) and the values last written from them.
         self.schedule_step, self._schedules, self._written = 0, [], []
         self.impl = engine.check_impl(impl)
+        engine.resolve(self.impl, self.cbs)  # "fused" without a torch kernel fails here
         groups = _as_groups(params)
         merged = hp.merge_defaults(self.cbs, hp.canonical_names(defaults))
         per_group = {k: hp.spread(k, v, len(groups)) for k, v in merged.items()}
@@ -214,10 +215,19 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
                 loss = closure()
         self._apply_schedules()
         self._check_before_step()
-        engine.step_groups(self.cbs, self.param_groups, self.state, self.impl,
-                           self.master_weights)
+        path = engine.resolve(self.impl, self.cbs)
+        engine.step_groups(self.cbs, self.param_groups, self.state, path, self.master_weights,
+                           self._kernel(path))
         self.schedule_step += 1
         return loss
+
+    def _kernel(self, path: str):
+        """The fused or compiled form of the chain for `path`, made once (compiled functions are
+        per optimizer and not part of its pickled state)."""
+        kernels = self.__dict__.setdefault("_kernels", {})
+        if path not in kernels:
+            kernels[path] = engine.kernel_for(path, self.cbs)
+        return kernels[path]
 
     def _check_before_step(self) -> None:
         for i, group in enumerate(self.param_groups):

@@ -200,6 +200,10 @@ class TensorList:
         end = _as_list(end, len(self))
         if isinstance(weight, TensorList):
             return self.add_(TensorList(end).sub(self).mul(weight))
+        if isinstance(weight, torch.Tensor):
+            # torch.compile's decomposition of the 0-d-tensor overload goes wrong on 0-d tensors
+            # (torch 2.13): the per-tensor list overload gives the right numbers.
+            weight = [weight] * len(self)
         torch._foreach_lerp_(self.tensors, end, weight)
         return self
 
@@ -349,6 +353,10 @@ def _foreach_binary(op: str, tensors: list, other, alpha=1, inplace=False):
         other = other * alpha
     if isinstance(other, torch.Tensor) and other.dim() > 0:
         raise ValueError("a scalar operand must be a number, a 0-d tensor or a TensorList")
+    if isinstance(other, torch.Tensor) and op not in ("mul", "div"):
+        # Only mul and div have a 0-d-tensor overload that torch.compile traces without reading
+        # the value (.item() breaks the graph); a list of the same 0-d tensor broadcasts alike.
+        other = [other] * len(tensors)
     if isinstance(other, bool):
         other = float(other)
     return fn(tensors, other)

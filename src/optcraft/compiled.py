@@ -1,0 +1,127 @@
+"""The ``compiled`` path: the whole chain of a bucket as one `torch.compile` graph.
+
+The blocks are traced as they are (their `TensorList` arithmetic is `torch._foreach_*` calls, which
+inductor fuses into a few loops over each tensor), so a chain of five blocks reads and writes each
+tensor about once instead of once per block.
+
+What keeps it from recompiling:
+
+* every numeric hyperparameter and numeric state value (`lr`, `mom`, `wd`, `step`, ...) enters the
+  graph as a 0-d tensor, so a new value (a schedule, a torch scheduler, `set_hyper`) is new data,
+  not a new graph; hyperparameters a block declares `static` (used in Python control flow, such as
+  RAdam's `beta`), booleans and strings are constants of the graph;
+* each kind of bucket (its device, dtype, tensor shapes, state keys and constants) gets its own
+  compiled function, so several groups or dtypes do not share dynamo's per-function cache;
+* the first time a kind of bucket is seen it runs eagerly (foreach), which creates the state; it is
+  compiled from its second step on, with the state it will keep.
+
+Compiled code is cached across processes by inductor's on-disk cache (`TORCHINDUCTOR_CACHE_DIR`,
+by default under the system's temporary folder): a warm start skips code generation.
+"""
+from __future__ import annotations
+
+import types
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .blocks.base import unwrap_partial
+from .tensorlist import ParamList, TensorList
+
+_NUMBER = (int, float)
+
+
+def static_names(cbs: Sequence[Callable]) -> frozenset[str]:
+    """Hyperparameters some block of the chain uses in Python control flow."""
+    names = set()
+    for cb in cbs:
+        fn, _ = unwrap_partial(cb)
+        names.update(getattr(fn, "static", ()))
+    return frozenset(names)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, _NUMBER) and not isinstance(v, bool)
+
+
+class CompiledChain:
+    """The compiled bucket steps of one optimizer, one compiled function per kind of bucket."""
+
+    def __init__(self, cbs: Sequence[Callable]):
+        self.cbs = list(cbs)
+        self.static = static_names(cbs)
+        self.functions: dict[tuple, Callable] = {}
+        self.seen: set[tuple] = set()
+        self._scalars: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, bucket, state, hyper: dict, params, eager: Callable) -> dict:
+        values = bucket.gather(state)
+        constants = {k: v for k, v in {**values, **hyper}.items()
+                     if not isinstance(v, list) and not _is_tensor_list(v)
+                     and (k in self.static or not _is_number(v))}
+        key = (params.tensors[0].device, params.tensors[0].dtype,
+               tuple(tuple(t.shape) for t in params.tensors),
+               tuple(sorted(bucket.tensor_keys)), tuple(sorted((k, repr(v))
+                                                               for k, v in constants.items())))
+        if key not in self.seen:
+            self.seen.add(key)
+            return eager()
+        fn = self.functions.get(key)
+        if fn is None:
+            fn = self.functions[key] = _fresh_compiled(_bucket_step)
+        dtype = params.tensors[0].dtype if params.tensors[0].is_floating_point() else \
+            torch.float32
+        device = params.tensors[0].device
+        numbers = {k: self._as_tensor(k, v, dtype, device)
+                   for k, v in {**values, **hyper}.items()
+                   if k not in constants and _is_number(v)}
+        state_values = {k: v for k, v in values.items() if k not in numbers}
+        hyper_values = {k: v for k, v in hyper.items() if k not in numbers}
+        inputs = {**state_values, **{k: numbers[k] for k in values if k in numbers}}
+        hypers = {**hyper_values, **{k: numbers[k] for k in hyper if k in numbers}}
+        result = fn(self.cbs, params.tensors, params.grad.tensors,
+                    {k: _plain(v) for k, v in inputs.items()}, hypers)
+        result = {k: TensorList(v) if isinstance(v, list) else v for k, v in result.items()}
+        # Numeric state goes back to Python numbers (the step count), as the eager paths keep it.
+        for k, v in result.items():
+            if k in values and _is_number(values[k]) and isinstance(v, torch.Tensor):
+                number = v.item()
+                result[k] = round(number) if isinstance(values[k], int) else number
+        return result
+
+    def _as_tensor(self, key: str, value, dtype, device) -> torch.Tensor:
+        """A 0-d tensor holding `value`, reused step after step (filled in place), so the graph
+        sees the same input tensor with new data."""
+        slot = (key, dtype, device)
+        t = self._scalars.get(slot)
+        if t is None:
+            t = self._scalars[slot] = torch.empty((), dtype=dtype, device=device)
+        t.fill_(value)
+        return t
+
+
+def _is_tensor_list(v) -> bool:
+    return isinstance(v, TensorList)
+
+
+def _plain(v):
+    return v.tensors if isinstance(v, TensorList) else v
+
+
+def _bucket_step(cbs, params, grads, values, hyper) -> dict[str, Any]:
+    """The traced function: the chain over plain lists of tensors (what dynamo passes in and out
+    most simply), as `TensorList`s inside."""
+    from .engine import apply_chain  # the engine imports this module
+
+    values = {k: TensorList(v) if isinstance(v, list) else v for k, v in values.items()}
+    result = apply_chain(cbs, ParamList(params, grads), values, hyper)
+    return {k: _plain(v) for k, v in result.items()}
+
+
+def _fresh_compiled(fn: Callable) -> Callable:
+    """`torch.compile(fn)` on a copy of `fn`'s code: dynamo keeps its cache (and its limit on
+    recompilations) per code object, and each kind of bucket should have a cache of its own."""
+    code = fn.__code__.replace()
+    copy = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return torch.compile(copy, dynamic=False)

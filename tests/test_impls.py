@@ -1,0 +1,178 @@
+"""Every execution path gives the reference path's numbers.
+
+The reference path (one parameter at a time) is itself checked against torch.optim and per-element
+formulas in test_against_references.py; here every other path must match it to 1e-6 relative in
+float64, over 20 steps, two groups, gradients missing on some steps and a parameter whose state
+says `do_wd=False`.
+"""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+import optcraft as oc
+from optcraft import engine, schedules
+
+OPTIMIZERS = {
+    "SGD": lambda ps, impl: oc.SGD(ps, lr=0.05, wd=0.1, impl=impl),
+    "SGD-momentum": lambda ps, impl: oc.SGD(ps, lr=0.05, mom=0.9, wd=0.1, impl=impl),
+    "SGD-momentum-l2": lambda ps, impl: oc.SGD(ps, lr=0.05, mom=0.9, wd=0.1, decouple_wd=False,
+                                                impl=impl),
+    "RMSProp": lambda ps, impl: oc.RMSProp(ps, lr=0.01, mom=0.9, wd=0.1, impl=impl),
+    "Adam": lambda ps, impl: oc.Adam(ps, lr=0.01, wd=0.1, impl=impl),
+    "Adam-l2": lambda ps, impl: oc.Adam(ps, lr=0.01, wd=0.1, decouple_wd=False, impl=impl),
+    "RAdam": lambda ps, impl: oc.RAdam(ps, lr=0.01, wd=0.1, impl=impl),
+    "SAdam-beta": lambda ps, impl: oc.RAdam(ps, lr=0.01, beta=5.0, impl=impl),
+    "QHAdam": lambda ps, impl: oc.QHAdam(ps, lr=0.01, wd=0.1, impl=impl),
+    "Larc": lambda ps, impl: oc.Larc(ps, lr=0.1, wd=0.1, impl=impl),
+    "Lars": lambda ps, impl: oc.Larc(ps, lr=0.1, clip=False, impl=impl),
+    "Lamb": lambda ps, impl: oc.Lamb(ps, lr=0.01, wd=0.1, impl=impl),
+    "ranger": lambda ps, impl: oc.ranger(ps, lr=0.01, k=3, impl=impl),
+}
+FUSABLE = {"SGD", "SGD-momentum", "SGD-momentum-l2", "Adam", "Adam-l2"}
+
+
+def make_params():
+    g = torch.Generator().manual_seed(0)
+    shapes = [(6, 5), (5,), (3, 4, 2), (7,), ()]
+    return [torch.randn(s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes]
+
+
+def train(name, impl, steps=20):
+    params = make_params()
+    opt = OPTIMIZERS[name]([params[:3], params[3:]], impl)
+    opt.state[params[1]]["do_wd"] = False
+    g = torch.Generator().manual_seed(1)
+    for i in range(steps):
+        for j, p in enumerate(params):
+            grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            p.grad = None if (i + j) % 4 == 0 else grad
+        opt.step()
+    return params, opt
+
+
+def assert_same_run(a, b):
+    (params, opt), (ref_params, ref_opt) = a, b
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-10)
+        assert opt.state[p].keys() == ref_opt.state[q].keys()
+        for k, v in ref_opt.state[q].items():
+            if isinstance(v, torch.Tensor):
+                torch.testing.assert_close(opt.state[p][k], v, rtol=1e-6, atol=1e-10)
+            else:
+                assert opt.state[p][k] == v, k
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("impl", ["foreach", "auto", "fused"])
+def test_eager_paths_give_the_reference_numbers(name, impl):
+    if impl == "fused" and name not in FUSABLE:
+        with pytest.raises(ValueError, match="no fused kernel for the chain"):
+            OPTIMIZERS[name](make_params(), impl)
+        return
+    assert_same_run(train(name, impl), train(name, "reference"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_compiled_path_gives_the_reference_numbers(name):
+    assert_same_run(train(name, "compiled"), train(name, "reference"))
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_auto_is_fused_exactly_for_torchs_kernels(name):
+    opt = OPTIMIZERS[name](make_params(), "auto")
+    inner = getattr(opt, "opt", opt)
+    assert engine.resolve("auto", inner.cbs) == ("fused" if name in FUSABLE else "foreach")
+
+
+def test_fused_runs_torchs_kernel(monkeypatch):
+    """auto Adam goes through torch._fused_adamw_ (not a foreach chain that happens to agree)."""
+    calls = []
+    kernel = torch._fused_adamw_
+    monkeypatch.setattr(torch, "_fused_adamw_", lambda *a, **k: (calls.append(1), kernel(*a, **k)))
+    train("Adam", "auto", steps=3)
+    assert calls
+
+
+def test_fused_leaves_non_contiguous_parameters_to_foreach():
+    """torch's kernels pair elements by memory order: a transposed parameter (or a gradient with
+    other strides) must not be fed to them."""
+    def run(impl):
+        base = torch.arange(12, dtype=torch.float64).reshape(4, 3)
+        p = base.t().detach().requires_grad_()  # shape (3, 4), strides (1, 3): not contiguous
+        assert not p.is_contiguous()
+        opt = oc.Adam([p], lr=0.1, impl=impl)
+        for i in range(3):
+            p.grad = torch.linspace(-1, 1, 12, dtype=torch.float64).reshape(3, 4) * (i + 1)
+            opt.step()
+        return p
+    torch.testing.assert_close(run("fused"), run("reference"), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("first,second", [("fused", "foreach"), ("foreach", "fused"),
+                                          ("reference", "fused")])
+def test_checkpoints_move_between_paths(first, second):
+    """The fused path keeps optcraft's state names, so a checkpoint written by one path resumes
+    on another with the uninterrupted run's numbers."""
+    ref_params, _ = train("Adam", "reference", steps=8)
+    params = make_params()
+    opt = oc.Adam([params[:3], params[3:]], lr=0.01, wd=0.1, impl=first)
+    opt.state[params[1]]["do_wd"] = False
+    g = torch.Generator().manual_seed(1)
+
+    def steps(opt, params, rng):
+        for i in rng:
+            for j, p in enumerate(params):
+                grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+                p.grad = None if (i + j) % 4 == 0 else grad
+            opt.step()
+    steps(opt, params, range(4))
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = oc.Adam([params[:3], params[3:]], lr=0.01, wd=0.1, impl=second)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    steps(resumed, params, range(4, 8))
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-10)
+
+
+def test_foreach_buckets_stay_below_the_largest_parameter():
+    """The eager foreach path splits a group into buckets no bigger than its largest parameter
+    (or engine.MIN_CHUNK_NUMEL), so a block's temporaries never span the whole model."""
+    big = engine.MIN_CHUNK_NUMEL
+    params = [torch.zeros(big // 2, requires_grad=True) for _ in range(5)] + \
+        [torch.zeros(big, requires_grad=True)]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    group = {"params": params}
+    buckets = engine.make_buckets(group, {}, max_numel=big)
+    assert [len(b.params) for b in buckets] == [2, 2, 1, 1]
+    assert max(sum(p.numel() for p in b.params) for b in buckets) <= big
+
+
+@pytest.mark.slow
+def test_compiled_never_recompiles_while_schedules_change_lr_and_mom():
+    """Hyperparameters enter the graph as tensors: 200 steps with lr and mom changing every step
+    compile once per kind of bucket and never again."""
+    params = make_params()
+    opt = oc.Lamb([params[:3], params[3:]], lr=schedules.cosine(1e-2, 1e-4, 200),
+                  mom=schedules.linear(0.95, 0.85, 200), impl="compiled")
+    g = torch.Generator().manual_seed(1)
+
+    def step():
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+        opt.step()
+    for _ in range(3):  # first sight of each bucket runs eagerly, the next compiles
+        step()
+    lrs = set()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(197):
+            step()
+            lrs.add(opt.param_groups[0]["lr"])
+    assert len(lrs) == 197
+    assert opt.param_groups[0]["mom"] == pytest.approx(0.85, abs=1e-3)
