@@ -1,0 +1,328 @@
+"""`optcraft bench`: optimizer steps against torch.optim and against the memory floor.
+
+An optimizer step is memory-bound: Adam reads the parameter, its gradient and two moments and
+writes three tensors.  Its *floor* is the bytes it must move divided by the machine's copy
+bandwidth (measured here, with `dst.copy_(src)` on a buffer much larger than the caches).  For
+each parameter set and optimizer this runs, interleaved in one process on the same parameters and
+gradients:
+
+* optcraft's optimizer in each requested impl;
+* torch.optim's implementation of the same algorithm (for-loop, foreach, fused where torch has
+  them);
+* torch's fused AdamW, the yardstick every ratio is taken against.
+
+It prints, per candidate, the median step time over `--steps` steps after `--warmup` steps, its
+ratio to torch's fused AdamW, its ratio to its own memory floor, the slowest of its first three
+steps (compiling happens there for impl="compiled"), and the peak memory one step adds (the
+process's resident high-water mark during a step, minus its size before).
+
+    python -m optcraft.bench --params gpt2-small --optimizers Adam,Lamb --impls auto,compiled
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from .optimizers import classic
+
+MiB = 1 << 20
+
+
+# ---- parameter sets ------------------------------------------------------------------------------
+
+def gpt2_small(scale: int = 1) -> list[tuple[int, ...]]:
+    """GPT-2 small's parameters (Radford et al., 2019): tied embeddings, 12 blocks of width 768,
+    124M parameters.  `scale` divides every width (a smoke-sized copy)."""
+    d, vocab, ctx = 768 // scale, 50257 // scale, 1024 // scale
+    shapes = [(vocab, d), (ctx, d)]
+    for _ in range(12):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,),
+                   (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+def resnet50(scale: int = 1) -> list[tuple[int, ...]]:
+    """ResNet-50's parameters (He et al., 2016): bottleneck blocks [3, 4, 6, 3], batch-norm
+    weights and biases, a 1000-way classifier; 25.6M parameters."""
+    w = lambda c: max(1, c // scale)  # noqa: E731 (a width, scaled)
+    shapes = [(w(64), 3, 7, 7), (w(64),), (w(64),)]
+    in_ch = w(64)
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        mid, out = w(width), w(4 * width)
+        for i in range(blocks):
+            shapes += [(mid, in_ch, 1, 1), (mid,), (mid,), (mid, mid, 3, 3), (mid,), (mid,),
+                       (out, mid, 1, 1), (out,), (out,)]
+            if i == 0:
+                shapes += [(out, in_ch, 1, 1), (out,), (out,)]
+            in_ch = out
+    return shapes + [(w(1000), in_ch), (w(1000),)]
+
+
+def many_tiny(scale: int = 1) -> list[tuple[int, ...]]:
+    """2,000 small tensors (biases, norms, small heads): per-tensor overheads dominate."""
+    n = max(20, 2000 // scale)
+    return [(64 + (i * 37) % 960,) for i in range(n)]
+
+
+PARAM_SETS: dict[str, Callable[[int], list]] = {
+    "gpt2-small": gpt2_small, "resnet50": resnet50, "many-tiny": many_tiny}
+
+
+# ---- the algorithms and torch's versions of them ----------------------------------------------
+
+@dataclasses.dataclass
+class Algorithm:
+    ours: Callable  # (params, impl) -> optimizer
+    torch_cls: type | None = None  # torch.optim's implementation of the same algorithm
+    torch_kwargs: dict = dataclasses.field(default_factory=dict)
+    torch_fused: bool = False
+
+
+ALGORITHMS = {
+    "Adam": Algorithm(lambda ps, impl: classic.Adam(ps, lr=1e-3, wd=0.01, impl=impl),
+                      torch.optim.AdamW, dict(lr=1e-3, betas=(0.9, 0.99), eps=1e-5,
+                                              weight_decay=0.01), torch_fused=True),
+    "SGD": Algorithm(lambda ps, impl: classic.SGD(ps, lr=1e-2, mom=0.9, impl=impl),
+                     torch.optim.SGD, dict(lr=1e-2, momentum=0.9), torch_fused=True),
+    "RMSProp": Algorithm(lambda ps, impl: classic.RMSProp(ps, lr=1e-3, impl=impl),
+                         torch.optim.RMSprop, dict(lr=1e-3, alpha=0.99, eps=1e-8)),
+    "RAdam": Algorithm(lambda ps, impl: classic.RAdam(ps, lr=1e-3, impl=impl),
+                       torch.optim.RAdam, dict(lr=1e-3, betas=(0.9, 0.99), eps=1e-5)),
+    "QHAdam": Algorithm(lambda ps, impl: classic.QHAdam(ps, lr=1e-3, impl=impl)),
+    "Larc": Algorithm(lambda ps, impl: classic.Larc(ps, lr=1e-2, impl=impl)),
+    "Lamb": Algorithm(lambda ps, impl: classic.Lamb(ps, lr=1e-3, impl=impl)),
+    "ranger": Algorithm(lambda ps, impl: classic.ranger(ps, lr=1e-3, impl=impl)),
+}
+
+
+def _research_algorithms() -> dict[str, Algorithm]:
+    """The research optimizers, when their module is there, with their default hyperparameters."""
+    try:
+        from .optimizers import research
+    except ImportError:
+        return {}
+    found = {}
+    for name in getattr(research, "__all__", ()):
+        factory = getattr(research, name)
+        if callable(factory) and name[:1].isupper():
+            found[name] = Algorithm(lambda ps, impl, f=factory: f(ps, lr=1e-3, impl=impl))
+    return found
+
+
+# ---- measuring ---------------------------------------------------------------------------------
+
+def copy_bandwidth(nbytes: int = 512 * MiB, repeats: int = 5) -> float:
+    """Bytes per second that `dst.copy_(src)` moves (each byte read once and written once)."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / statistics.median(times)
+
+
+class PeakMemory:
+    """The resident-set high-water mark over a block of code, minus the size before it (Linux:
+    /proc/self/clear_refs resets the mark).  None where the platform has no such counter."""
+
+    def __enter__(self):
+        self.before = _read_status("VmRSS")
+        if self.before is not None:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                self.before = None
+        return self
+
+    def __exit__(self, *exc):
+        peak = _read_status("VmHWM")
+        self.extra = None if self.before is None or peak is None else max(0, peak - self.before)
+
+
+def _read_status(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+@dataclasses.dataclass
+class Candidate:
+    label: str
+    optimizer: torch.optim.Optimizer
+    times: list = dataclasses.field(default_factory=list)
+    peak: int | None = None
+
+    def step(self, measure_memory: bool = False) -> None:
+        start = time.perf_counter()
+        if measure_memory:
+            with PeakMemory() as peak:
+                self.optimizer.step()
+            self.peak = peak.extra
+        else:
+            self.optimizer.step()
+        self.times.append(time.perf_counter() - start)
+
+
+def floor_seconds(optimizer: torch.optim.Optimizer, bandwidth: float) -> float:
+    """The bytes a step must move over the bandwidth: each parameter read and written, its
+    gradient read, and each parameter-sized state tensor read and written."""
+    total = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            kept = sum(1 for v in optimizer.state.get(p, {}).values()
+                       if isinstance(v, torch.Tensor) and v.numel() == p.numel() and p.numel() > 1)
+            total += p.numel() * p.element_size() * (3 + 2 * kept)
+    return total / bandwidth
+
+
+def make_candidates(name: str, algorithm: Algorithm, params: list, impls: list[str],
+                    with_torch: bool) -> list[Candidate]:
+    found = [Candidate("torch AdamW fused", torch.optim.AdamW(
+        params, lr=1e-3, betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01, fused=True))]
+    for impl in impls:
+        try:
+            found.append(Candidate(f"optcraft {name} {impl}", algorithm.ours(params, impl)))
+        except ValueError:
+            continue  # e.g. impl="fused" for a chain torch has no kernel for
+    if with_torch and algorithm.torch_cls is not None:
+        variants = {"forloop": dict(foreach=False), "foreach": dict(foreach=True)}
+        if algorithm.torch_fused:
+            variants["fused"] = dict(fused=True)
+        for variant, flags in variants.items():
+            if (name, variant) == ("Adam", "fused"):
+                continue  # the yardstick itself
+            found.append(Candidate(f"torch {algorithm.torch_cls.__name__} {variant}",
+                                   algorithm.torch_cls(params, **algorithm.torch_kwargs, **flags)))
+    return found
+
+
+def run_set(set_name: str, scale: int, names: list[str], impls: list[str], steps: int,
+            warmup: int, with_torch: bool, bandwidth: float, progress=print) -> list[dict]:
+    shapes = PARAM_SETS[set_name](scale)
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=generator).mul_(0.02).requires_grad_() for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=generator).mul_(1e-3)
+    numel = sum(p.numel() for p in params)
+    rows = []
+    algorithms = {**ALGORITHMS, **_research_algorithms()}
+    for name in names:
+        candidates = make_candidates(name, algorithms[name], params, impls, with_torch)
+        progress(f"{set_name} ({len(params)} tensors, {numel / 1e6:.1f}M parameters): {name}, "
+                 f"{len(candidates)} candidates")
+        for i in range(warmup + steps):
+            for c in candidates:
+                c.step(measure_memory=(i == warmup))
+        yardstick = statistics.median(candidates[0].times[warmup:])
+        for c in candidates:
+            median = statistics.median(c.times[warmup:])
+            floor = floor_seconds(c.optimizer, bandwidth)
+            rows.append(dict(params=set_name, candidate=c.label, median_ms=1e3 * median,
+                             vs_fused_adamw=median / yardstick, vs_floor=median / floor,
+                             first_steps_s=max(c.times[:3]),
+                             peak_extra_mib=None if c.peak is None else c.peak / MiB))
+        del candidates
+    return rows
+
+
+# ---- reporting -------------------------------------------------------------------------------
+
+COLUMNS = [("params", "params", "{}"), ("candidate", "candidate", "{}"),
+           ("median_ms", "median ms", "{:.2f}"), ("vs_fused_adamw", "x torch fused AdamW", "{:.2f}"),
+           ("vs_floor", "x own floor", "{:.2f}"), ("first_steps_s", "first steps s", "{:.2f}"),
+           ("peak_extra_mib", "peak extra MiB", "{:.0f}")]
+
+
+def _cell(row, key, fmt):
+    return "-" if row[key] is None else fmt.format(row[key])
+
+
+def table(rows: list[dict], markdown: bool = False) -> str:
+    head = [title for _, title, _ in COLUMNS]
+    body = [[_cell(r, key, fmt) for key, _, fmt in COLUMNS] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in body])
+
+
+def machine() -> str:
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, Python "
+            f"{platform.python_version()}")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="optcraft bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", default="gpt2-small",
+                        help=f"comma-separated parameter sets: {', '.join(PARAM_SETS)}")
+    parser.add_argument("--optimizers", default="Adam,SGD,Lamb",
+                        help="comma-separated optimizers (optcraft's names)")
+    parser.add_argument("--impls", default="auto,foreach,compiled",
+                        help="comma-separated impls: reference, foreach, fused, compiled, auto")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (median taken)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--size", choices=["full", "smoke"], default="full",
+                        help="smoke: every width divided by 16 (a quick check, e.g. in CI)")
+    parser.add_argument("--no-torch", action="store_true", help="skip torch.optim's variants")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    args = parser.parse_args(argv)
+    algorithms = {**ALGORITHMS, **_research_algorithms()}
+    args.params = _choices(parser, "--params", args.params, PARAM_SETS)
+    args.optimizers = _choices(parser, "--optimizers", args.optimizers, algorithms)
+    args.impls = _choices(parser, "--impls", args.impls,
+                          ("reference", "foreach", "fused", "compiled", "auto"))
+    if args.steps < 1 or args.warmup < 0:
+        parser.error("--steps must be >= 1 and --warmup >= 0")
+    return args
+
+
+def _choices(parser, flag: str, text: str, known) -> list[str]:
+    import difflib
+
+    chosen = [x.strip() for x in text.split(",") if x.strip()]
+    for x in chosen:
+        if x not in known:
+            close = difflib.get_close_matches(x, list(known), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            parser.error(f"{flag}: unknown {x!r}{hint}; known: {', '.join(known)}")
+    if not chosen:
+        parser.error(f"{flag}: give at least one")
+    return chosen
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    scale = 16 if args.size == "smoke" else 1
+    bandwidth = copy_bandwidth(32 * MiB if args.size == "smoke" else 512 * MiB)
+    print(f"machine: {machine()}; copy bandwidth {bandwidth / 1e9:.1f} GB/s", file=sys.stderr)
+    rows = []
+    for set_name in args.params:
+        rows += run_set(set_name, scale, args.optimizers, args.impls, args.steps, args.warmup,
+                        not args.no_torch, bandwidth,
+                        progress=lambda text: print(text, file=sys.stderr, flush=True))
+    print(table(rows, markdown=args.markdown))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""The benchmark's pieces (no timing is asserted: speed is reported in BENCHMARKS.md)."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import optcraft as oc
+from optcraft import bench
+
+
+def test_parameter_sets_have_the_published_sizes():
+    """GPT-2 small has 124,439,808 parameters (tied embeddings) and torchvision's ResNet-50
+    25,557,032: the shapes are the real models'."""
+    count = lambda shapes: sum(math.prod(s) for s in shapes)  # noqa: E731
+    assert count(bench.gpt2_small()) == 124_439_808
+    assert len(bench.gpt2_small()) == 148
+    assert count(bench.resnet50()) == 25_557_032
+    assert len(bench.many_tiny()) == 2000
+
+
+def test_floor_counts_the_bytes_adam_must_move():
+    """Adam reads p, g, two moments and writes p and the moments: 7 float32 tensors per
+    parameter, over the bandwidth."""
+    params = [torch.zeros(10, 10, requires_grad=True), torch.zeros(5, requires_grad=True)]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt = oc.Adam(params, lr=1e-3)
+    opt.step()
+    assert bench.floor_seconds(opt, bandwidth=1.0) == 7 * 4 * 105
+    sgd = oc.SGD(params, lr=1e-3)  # no state: read p and g, write p
+    sgd.step()
+    assert bench.floor_seconds(sgd, bandwidth=1.0) == 3 * 4 * 105
+
+
+def test_candidates_are_ours_in_each_impl_next_to_torchs():
+    params = [torch.zeros(3, requires_grad=True)]
+    labels = [c.label for c in bench.make_candidates(
+        "Adam", bench.ALGORITHMS["Adam"], params, ["auto", "fused", "compiled"], True)]
+    assert labels == ["torch AdamW fused", "optcraft Adam auto", "optcraft Adam fused",
+                      "optcraft Adam compiled", "torch AdamW forloop", "torch AdamW foreach"]
+    # torch has no fused Lamb: the fused impl is left out, not faked
+    labels = [c.label for c in bench.make_candidates(
+        "Lamb", bench.ALGORITHMS["Lamb"], params, ["fused", "foreach"], True)]
+    assert labels == ["torch AdamW fused", "optcraft Lamb foreach"]
+
+
+def test_smoke_run_prints_a_row_per_candidate():
+    """What CI runs: the tiny size, two optimizers, eager impls, through `python -m`."""
+    out = subprocess.run(
+        [sys.executable, "-m", "optcraft.bench", "--size", "smoke", "--params", "many-tiny",
+         "--optimizers", "Adam,Lamb", "--impls", "foreach,auto", "--steps", "2", "--warmup", "1",
+         "--markdown"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("| params | candidate | median ms | x torch fused AdamW")
+    rows = [line.split("|")[2].strip() for line in lines[2:]]
+    assert rows == ["torch AdamW fused", "optcraft Adam foreach", "optcraft Adam auto",
+                    "torch AdamW forloop", "torch AdamW foreach",
+                    "torch AdamW fused", "optcraft Lamb foreach", "optcraft Lamb auto"]
+    yardstick_ratios = [line.split("|")[4].strip() for line in lines[2:]
+                        if "torch AdamW fused" in line]
+    assert yardstick_ratios == ["1.00", "1.00"]
+    assert "copy bandwidth" in out.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--optimizers", "Adma"], "unknown 'Adma' (did you mean Adam"),
+    (["--params", "gpt3"], "--params: unknown 'gpt3'"),
+    (["--impls", "fast"], "--impls: unknown 'fast'"),
+    (["--steps", "0"], "--steps must be >= 1"),
+])
+def test_bad_arguments_are_refused_by_name(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
