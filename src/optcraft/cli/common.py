@@ -1,0 +1,148 @@
+"""What the commands share: one-line errors, optimizer names, `--lr` values, the output folder,
+the optional plotting and progress-bar libraries, and the digits network."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .. import registry
+from ..data import MissingDependency, require
+
+
+class CLIError(Exception):
+    """A user error: printed as one line `optcraft: error: ...`, exit status 1."""
+
+
+def optimizer_names(text: str | None, default: list[str]) -> list[str]:
+    """Resolve a comma-separated list of optimizer names (case-insensitive) to registry names."""
+    if text is None:
+        return list(default)
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise CLIError("--optimizers needs at least one optimizer name")
+    resolved = []
+    for name in names:
+        entry = lookup(name)
+        if entry.name in resolved:
+            raise CLIError(f"optimizer {entry.name!r} is listed twice")
+        resolved.append(entry.name)
+    return resolved
+
+
+def lookup(name: str) -> registry.Entry:
+    try:
+        return registry.get(name)
+    except registry.UnknownOptimizer as error:
+        raise CLIError(str(error)) from None
+
+
+def positive_float(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise CLIError(f"{what} must be a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise CLIError(f"{what} must be a positive number, got {text!r}")
+    return value
+
+
+def parse_lrs(text: str | None, names: list[str]) -> dict[str, float]:
+    """`--lr`: `Adam=3e-3,SGD=0.1` (per optimizer) or one number for every optimizer.  Values are
+    not range-checked here: the optimizer's own validation does that, with its own message."""
+    if text is None:
+        return {}
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise CLIError("--lr needs NAME=VALUE pairs, e.g. --lr Adam=3e-3,SGD=0.1, or one number")
+    if len(items) == 1 and "=" not in items[0]:
+        return {name: _number(items[0], "--lr") for name in names}
+    lrs = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise CLIError(f"--lr: expected NAME=VALUE, got {item!r} (e.g. --lr Adam=3e-3,SGD=0.1)")
+        entry = lookup(name.strip())
+        if entry.name not in names:
+            raise CLIError(f"--lr names {entry.name}, which is not among the optimizers run "
+                           f"({', '.join(names)})")
+        lrs[entry.name] = _number(value.strip(), f"--lr {entry.name}")
+    return lrs
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise CLIError(f"{what}: {text!r} is not a number") from None
+
+
+def build_optimizer(entry: registry.Entry, params, lr: float | None, impl: str | None):
+    """The optimizer, with the library's own ValueError/TypeError (a bad value) as a CLIError."""
+    try:
+        return entry.make(params, lr=lr, impl=impl)
+    except (ValueError, TypeError) as error:
+        raise CLIError(f"{entry.name}: {error}") from None
+
+
+def output_folder(path: str) -> Path:
+    """Create the folder (and its parents) and check that a file can be written there, before any
+    work is done."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".optcraft-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise CLIError(f"cannot write to output folder {str(folder)!r}: {reason}") from None
+    return folder
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no window)."""
+    matplotlib = require("matplotlib", "plotting")
+    matplotlib.use("Agg", force=True)
+    return require("matplotlib.pyplot", "plotting")
+
+
+def progress(**kwargs):
+    """A tqdm progress bar on stderr, shown only on a terminal."""
+    tqdm = require("tqdm", "progress bars").tqdm
+    return tqdm(file=sys.stderr, disable=None, dynamic_ncols=True, **kwargs)
+
+
+def few_threads() -> None:
+    """One intra-op thread, unless OMP_NUM_THREADS says otherwise: the networks here are so small
+    that threads cost more than they give, and on a busy machine spinning threads make step times
+    jump by tens of milliseconds."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+
+
+def digits_model(n_features: int, n_classes: int, seed: int) -> torch.nn.Module:
+    """The network of `compare` and `lr-find`: a two-hidden-layer MLP, initialised from `seed`."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = torch.nn.Sequential(
+            torch.nn.Linear(n_features, 128), torch.nn.ReLU(),
+            torch.nn.Linear(128, 64), torch.nn.ReLU(),
+            torch.nn.Linear(64, n_classes))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return model
+
+
+def batches(n: int, batch_size: int, generator: torch.Generator):
+    """The indices of one epoch's shuffled mini-batches (the last may be smaller)."""
+    order = torch.randperm(n, generator=generator)
+    return list(order.split(batch_size))
+
+
+__all__ = ["CLIError", "MissingDependency", "optimizer_names", "lookup", "parse_lrs",
+           "positive_float", "build_optimizer", "output_folder", "pyplot", "progress",
+           "digits_model", "batches", "few_threads"]

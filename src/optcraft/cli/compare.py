@@ -1,0 +1,221 @@
+"""`optcraft compare`: train one network on the digits with each optimizer, under the same initial
+weights, data order and seed; print a table, write the curves (PNG) and every step (CSV)."""
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .. import engine, registry
+from ..data import Digits, load_digits
+from .common import (CLIError, batches, build_optimizer, digits_model, few_threads, optimizer_names,
+                     output_folder, parse_lrs, positive_float, progress, pyplot)
+
+FIGURE_SIZE = (12.0, 4.5)  # inches, at FIGURE_DPI: a 1200 x 450 pixel PNG
+FIGURE_DPI = 100
+CSV_NAME, PNG_NAME = "compare.csv", "compare.png"
+CSV_COLUMNS = ("optimizer", "lr", "epoch", "step", "train_loss", "step_time_ms", "val_loss",
+               "val_accuracy")
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser(
+        "compare", help="train a small network on the digits with several optimizers",
+        description="Train the same network (same initial weights, data order and seed) on "
+                    "scikit-learn's handwritten digits with each optimizer; print a table of "
+                    "final train loss, validation accuracy and median step time, and write "
+                    f"{PNG_NAME} (loss and accuracy curves) and {CSV_NAME} (every step) to the "
+                    "output folder.")
+    parser.add_argument("--optimizers", metavar="NAMES",
+                        help="comma-separated optimizer names (default: "
+                             f"{','.join(registry.default_compare())})")
+    parser.add_argument("--epochs", type=int, default=10, help="passes over the training set "
+                        "(default: 10)")
+    parser.add_argument("--lr", metavar="NAME=LR,...",
+                        help="learning rates, e.g. Adam=3e-3,SGD=0.1, or one number for all "
+                             "(default: each optimizer's tuned value, see `optcraft show NAME`)")
+    parser.add_argument("--batch-size", type=int, default=64, help="default: 64")
+    parser.add_argument("--seed", type=int, default=0, help="initial weights and data order "
+                        "(default: 0)")
+    parser.add_argument("--impl", choices=engine.IMPLS, default=None,
+                        help="execution path of optcraft's optimizers (default: auto)")
+    parser.add_argument("--out", default="optcraft-out", metavar="FOLDER",
+                        help="output folder (default: ./optcraft-out)")
+    parser.set_defaults(run=run)
+    return parser
+
+
+@dataclass
+class Result:
+    name: str
+    lr: float
+    rows: list = field(default_factory=list)
+    epoch_accuracy: list = field(default_factory=list)
+    diverged_at: int | None = None
+
+    @property
+    def step_times(self):
+        return [row["step_time_ms"] for row in self.rows]
+
+    def final_train_loss(self, steps_per_epoch: int) -> float:
+        """The mean training loss over the last epoch's steps."""
+        losses = [row["train_loss"] for row in self.rows[-steps_per_epoch:]]
+        return sum(losses) / len(losses)
+
+    @property
+    def final_accuracy(self) -> float:
+        return self.epoch_accuracy[-1] if self.epoch_accuracy else float("nan")
+
+
+@torch.no_grad()
+def evaluate(model, x, y) -> tuple[float, float]:
+    model.eval()
+    logits = model(x)
+    model.train()
+    return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+
+
+def train(entry: registry.Entry, lr: float | None, data: Digits, init_state: dict, epochs: int,
+          batch_size: int, seed: int, impl: str | None) -> Result:
+    """One optimizer's run; everything random is drawn from `seed` so every optimizer sees the same
+    initial weights and the same batches in the same order."""
+    model = digits_model(data.n_features, data.n_classes, seed)
+    model.load_state_dict(init_state)
+    opt = build_optimizer(entry, model.parameters(), lr, impl)
+    lr = opt.param_groups[0]["lr"]
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    result = Result(entry.name, lr)
+    n = len(data.x_train)
+    steps_per_epoch = math.ceil(n / batch_size)
+    step = 0
+    with progress(total=epochs * steps_per_epoch, desc=f"{entry.name:>10}", unit="step",
+                  leave=True) as bar:
+        for epoch in range(1, epochs + 1):
+            for index in batches(n, batch_size, generator):
+                loss = F.cross_entropy(model(data.x_train[index]), data.y_train[index])
+                opt.zero_grad()
+                loss.backward()
+                start = time.perf_counter()
+                opt.step()
+                elapsed = time.perf_counter() - start
+                step += 1
+                value = loss.item()
+                result.rows.append({"optimizer": entry.name, "lr": lr, "epoch": epoch,
+                                    "step": step, "train_loss": value,
+                                    "step_time_ms": elapsed * 1e3, "val_loss": "",
+                                    "val_accuracy": ""})
+                bar.update(1)
+                if not math.isfinite(value):
+                    result.diverged_at = step
+                    bar.set_postfix_str(f"diverged at step {step}")
+                    return result
+            val_loss, val_accuracy = evaluate(model, data.x_val, data.y_val)
+            result.rows[-1]["val_loss"] = val_loss
+            result.rows[-1]["val_accuracy"] = val_accuracy
+            result.epoch_accuracy.append(val_accuracy)
+            bar.set_postfix(loss=f"{value:.3f}", val_acc=f"{val_accuracy:.3f}")
+    return result
+
+
+def table(results: list[Result], steps_per_epoch: int) -> str:
+    header = ("optimizer", "lr", "train loss", "val accuracy", "step time (ms)")
+    lines = []
+    for r in results:
+        if r.diverged_at is not None:
+            loss, accuracy = f"diverged at step {r.diverged_at}", "-"
+        else:
+            loss = f"{r.final_train_loss(steps_per_epoch):.4f}"
+            accuracy = f"{r.final_accuracy:.3f}"
+        lines.append((r.name, f"{r.lr:g}", loss, accuracy,
+                      f"{statistics.median(r.step_times):.3f}"))
+    widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
+    align = ["<", ">", ">", ">", ">"]
+
+    def fmt(row):
+        return "  ".join(f"{cell:{a}{w}}" for cell, a, w in zip(row, align, widths)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(header), rule, *(fmt(line) for line in lines)])
+
+
+def write_csv(path, results: list[Result]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for r in results:
+            for row in r.rows:
+                writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v)
+                                 for k, v in row.items()})
+
+
+def smooth(values: list[float], beta: float = 0.9) -> list[float]:
+    """Exponential moving average with bias correction (as the loss curves of fastai)."""
+    out, average = [], 0.0
+    for i, v in enumerate(values, 1):
+        average = beta * average + (1 - beta) * v
+        out.append(average / (1 - beta ** i))
+    return out
+
+
+def plot(path, results: list[Result], steps_per_epoch: int, epochs: int) -> None:
+    plt = pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=FIGURE_SIZE, dpi=FIGURE_DPI)
+    for r in results:
+        losses = [row["train_loss"] for row in r.rows if math.isfinite(row["train_loss"])]
+        line, = ax_loss.plot(range(1, len(losses) + 1), smooth(losses), lw=1.3, label=r.name)
+        ax_acc.plot(range(1, len(r.epoch_accuracy) + 1), r.epoch_accuracy, marker="o", ms=3,
+                    lw=1.3, color=line.get_color(), label=r.name)
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("training loss (smoothed)")
+    ax_loss.set_title("Training loss")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("validation accuracy")
+    ax_acc.set_title("Validation accuracy")
+    ax_acc.set_xlim(0.5, epochs + 0.5)
+    for ax in (ax_loss, ax_acc):
+        ax.grid(True, alpha=0.3)
+    ax_acc.legend(loc="lower right", fontsize="small", ncol=2)
+    fig.suptitle(f"optcraft compare: digits MLP, {epochs} epochs x {steps_per_epoch} steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=FIGURE_DPI)
+    plt.close(fig)
+
+
+def run(args) -> int:
+    names = optimizer_names(args.optimizers, registry.default_compare())
+    lrs = parse_lrs(args.lr, names)
+    if args.epochs < 1:
+        raise CLIError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
+    folder = output_folder(args.out)
+    few_threads()
+    pyplot()  # a missing matplotlib is reported before training, not after
+    data = load_digits()
+    init_state = digits_model(data.n_features, data.n_classes, args.seed).state_dict()
+    entries = [registry.get(n) for n in names]
+    # Every optimizer is built once first, so a bad value stops the command before any training.
+    for entry in entries:
+        build_optimizer(entry, [torch.nn.Parameter(torch.zeros(1))], lrs.get(entry.name),
+                        args.impl)
+    steps_per_epoch = math.ceil(len(data.x_train) / args.batch_size)
+    results = []
+    for entry in entries:
+        results.append(train(entry, lrs.get(entry.name), data, init_state, args.epochs,
+                             args.batch_size, args.seed, args.impl))
+    print(f"digits: {len(data.x_train)} training / {len(data.x_val)} validation images, "
+          f"{args.epochs} epochs of {steps_per_epoch} steps, batch {args.batch_size}, "
+          f"seed {args.seed}")
+    print(table(results, steps_per_epoch))
+    csv_path, png_path = folder / CSV_NAME, folder / PNG_NAME
+    write_csv(csv_path, results)
+    plot(png_path, results, steps_per_epoch, args.epochs)
+    print(f"wrote {png_path} and {csv_path}")
+    return 0

@@ -1,0 +1,72 @@
+"""`optcraft list` and `optcraft show NAME`: the registered optimizers, read from the code."""
+from __future__ import annotations
+
+from .. import registry
+from .common import lookup
+
+
+def add_parsers(subparsers):
+    parser = subparsers.add_parser(
+        "list", help="every optimizer: chain of blocks, state memory, paper",
+        description="Every named optimizer with its chain of building blocks, the state it keeps "
+                    "per parameter (in parameter-sized tensors) and its paper.")
+    parser.set_defaults(run=run_list)
+    parser = subparsers.add_parser(
+        "show", help="one optimizer in full: chain, defaults, state, paper",
+        description="One optimizer: its recipe, chain of building blocks, defaults, the "
+                    "hyperparameters in its param groups, its state per parameter, its paper and "
+                    "the learning rate the commands use.")
+    parser.add_argument("name", metavar="NAME", help="an optimizer name (see `optcraft list`)")
+    parser.set_defaults(run=run_show)
+
+
+def chain_text(entry: registry.Entry) -> str:
+    chain = " > ".join(entry.chain)
+    return f"{entry.wrapper}[{chain}]" if entry.wrapper else chain
+
+
+def state_text(entry: registry.Entry) -> str:
+    if not entry.state_names:
+        return "none"
+    return f"{entry.state_memory}x ({', '.join(entry.state_names)})"
+
+
+def _value(v) -> str:
+    return repr(v) if isinstance(v, (float, str)) else str(v)
+
+
+def run_list(args) -> int:
+    entries = registry.entries()
+    rows = [("name", "state/param", "paper", "chain")]
+    rows += [(e.name, f"{e.state_memory}x", e.paper, chain_text(e)) for e in entries]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for i, row in enumerate(rows):
+        print("  ".join(f"{cell:<{w}}" for cell, w in zip(row[:3], widths)) + "  " + row[3])
+        if i == 0:
+            print("  ".join("-" * w for w in widths) + "  " + "-" * 5)
+    print(f"\n{len(entries)} optimizers; `optcraft show NAME` for one in full. state/param: "
+          "parameter-sized state tensors kept per parameter (Adam: 2).")
+    return 0
+
+
+def run_show(args) -> int:
+    entry = lookup(args.name)
+    settings = ", ".join(f"{k}={_value(v)}" for k, v in entry.settings.items())
+    factory = f"{entry.module or entry.factory.__module__}.{entry.factory.__name__}"
+    lines = [
+        ("", f"{entry.name}: {entry.summary}" if entry.summary else entry.name),
+        ("recipe", factory),
+        ("chain" + (f" ({settings})" if settings else ""), chain_text(entry)),
+        ("defaults", ", ".join(f"{k}={_value(v)}" for k, v in entry.defaults.items()) or "-"),
+        ("hyperparameters", ", ".join(f"{k}={_value(v)}" for k, v in
+                                      entry.hyperparameters.items() if k != "lr")),
+        ("state/parameter", state_text(entry)),
+        ("paper", entry.paper),
+        ("commands use", ", ".join([f"lr={entry.lr:g}" + ("" if entry.lr_tuned else
+                                                              " (not tuned: Adam's)")]
+                                   + [f"{k}={_value(v)}" for k, v in entry.settings.items()])),
+    ]
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        print(value if not key else f"  {key + ':':<{width + 1}} {value}")
+    return 0

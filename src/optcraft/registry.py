@@ -1,0 +1,263 @@
+"""Every named optimizer of optcraft, by name: its recipe, its chain of blocks, its defaults, the
+state it keeps per parameter and its paper.
+
+The chain and the state are read from an optimizer the recipe builds (its `cbs` and the blocks'
+`state_names`, then one step on a small parameter to see which state tensors are parameter-sized),
+so the registry can never disagree with the code it describes.  The classic recipes come from
+`optcraft.optimizers.classic`; the research recipes from `optcraft.optimizers.research` when that
+module is installed (every function in its `__all__` that takes an `lr`).
+
+    >>> from optcraft import registry
+    >>> registry.get("Adam").state_names
+    ('grad_avg', 'sqr_avg')
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import importlib
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .blocks.base import unwrap_partial
+from .optimizers import classic
+
+#: Keyword arguments of a recipe that choose how it runs, not what it computes.
+EXECUTION_KEYWORDS = ("impl", "master_weights")
+
+#: Modules whose recipes join the registry when they can be imported.
+OPTIONAL_MODULES = ("optcraft.optimizers.research",)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One named optimizer.
+
+    `settings` are keyword arguments the command-line tools always pass (SGD gets momentum), and
+    `lr` the learning rate they use unless told otherwise: the best of a sweep (half-decade steps,
+    10 epochs, seeds 0 and 1) on the digits network of `optcraft compare` (`lr_tuned=False` where
+    it is Adam's, not a sweep's result).
+    """
+
+    name: str
+    factory: Callable
+    paper: str
+    lr: float
+    settings: dict = field(default_factory=dict)
+    lr_tuned: bool = True
+    module: str = ""
+
+    def make(self, params, lr: float | None = None, impl: str | None = None, **kwargs):
+        """Build the optimizer on `params` with this entry's settings and learning rate."""
+        kwargs = {**self.settings, **kwargs}
+        if impl is not None and "impl" in self.parameters:
+            kwargs["impl"] = impl
+        return self.factory(params, lr=self.lr if lr is None else lr, **kwargs)
+
+    @property
+    def parameters(self) -> dict[str, inspect.Parameter]:
+        return dict(inspect.signature(inspect.unwrap(self.factory)).parameters)
+
+    @property
+    def summary(self) -> str:
+        """The first paragraph of the recipe's docstring, on one line."""
+        doc = inspect.getdoc(self.factory) or ""
+        return " ".join(doc.split("\n\n")[0].split())
+
+    @property
+    def defaults(self) -> dict:
+        """The recipe's keyword defaults (what it computes with when given only `lr`)."""
+        out = {}
+        for name, param in self.parameters.items():
+            if param.default is inspect.Parameter.empty or name in EXECUTION_KEYWORDS:
+                continue
+            out[name] = param.default
+        return out
+
+    @property
+    def chain(self) -> list[str]:
+        """The blocks the recipe chains (with `settings` applied), as `name(bound=keywords)`."""
+        return list(_introspect(self)[0])
+
+    @property
+    def wrapper(self) -> str | None:
+        """`Lookahead(k=6, alpha=0.5)` for a wrapped optimizer, else None."""
+        return _introspect(self)[1]
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        """The state tensors the optimizer keeps per parameter that are the parameter's size."""
+        return _introspect(self)[2]
+
+    @property
+    def state_memory(self) -> int:
+        """How many parameter-sized tensors of state it keeps per parameter (Adam: 2)."""
+        return len(self.state_names)
+
+    @property
+    def hyperparameters(self) -> dict:
+        """The hyperparameters in its param groups (the blocks' defaults merged with the recipe's)."""
+        return dict(_introspect(self)[3])
+
+
+def callback_name(cb) -> str:
+    fn, bound = unwrap_partial(cb)
+    name = getattr(fn, "__name__", type(fn).__name__)
+    if bound:
+        name += "(" + ", ".join(f"{k}={v!r}" for k, v in bound.items()) + ")"
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def _introspect_cached(name: str, factory, settings_items: tuple, lr: float):
+    generator = torch.Generator().manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(4, 5, generator=generator, dtype=torch.float32))
+    opt = factory([param], lr=lr, **dict(settings_items))
+    inner, wrapper = opt, None
+    # A wrapper (Lookahead) holds the optimizer whose chain runs in `.opt`.
+    while not hasattr(inner, "cbs") and hasattr(inner, "opt"):
+        if wrapper is None:
+            extras = {k: getattr(inner, k) for k in ("k", "alpha") if hasattr(inner, k)}
+            wrapper = type(inner).__name__ + "(" + ", ".join(f"{k}={v}" for k, v in extras.items()) + ")"
+        inner = inner.opt
+    cbs = list(getattr(inner, "cbs", []))
+    declared = []
+    for cb in cbs:
+        for state_name in getattr(unwrap_partial(cb)[0], "state_names", ()):
+            if state_name not in declared:
+                declared.append(state_name)
+    param.grad = torch.randn(4, 5, generator=generator)
+    opt.step()
+    state = opt.state[param]
+    sized = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.shape == param.shape]
+    # The blocks' own names first, in chain order; then what a wrapper added (Lookahead's copy).
+    ordered = tuple([k for k in declared if k in sized] + [k for k in sized if k not in declared])
+    hypers = {k: v for k, v in inner.param_groups[0].items() if k not in ("params", "param_names")}
+    return tuple(callback_name(cb) for cb in cbs), wrapper, ordered, tuple(hypers.items())
+
+
+def _introspect(entry: Entry):
+    return _introspect_cached(entry.name, entry.factory, tuple(sorted(entry.settings.items())),
+                              entry.lr)
+
+
+# ---- the entries -------------------------------------------------------------------------------
+
+_CLASSIC = [
+    Entry("SGD", classic.SGD, "Robbins & Monro 1951; momentum: Polyak 1964", lr=0.1,
+          settings={"mom": 0.9}),
+    Entry("RMSProp", classic.RMSProp, "Hinton, Coursera lecture 6e, 2012", lr=3e-3),
+    Entry("Adam", classic.Adam, "Kingma & Ba 2015, arXiv:1412.6980; AdamW: arXiv:1711.05101",
+          lr=3e-3),
+    Entry("RAdam", classic.RAdam, "Liu et al. 2020, arXiv:1908.03265", lr=5e-3),
+    Entry("QHAdam", classic.QHAdam, "Ma & Yarats 2019, arXiv:1810.06801", lr=3e-3),
+    Entry("Larc", classic.Larc, "You et al. 2017, arXiv:1708.03888", lr=0.1),
+    Entry("Lamb", classic.Lamb, "You et al. 2020, arXiv:1904.00962", lr=1e-2),
+    Entry("ranger", classic.ranger,
+          "Wright 2019; RAdam arXiv:1908.03265 + Lookahead arXiv:1907.08610", lr=1e-2),
+]
+
+#: Learning rates for research recipes, from the same sweep; a research recipe not listed here
+#: gets Adam's with `lr_tuned=False`.
+_RESEARCH_LR: dict[str, float] = {}
+
+#: The optimizers `optcraft compare` runs by default (those not installed are left out).
+DEFAULT_COMPARE = ("SGD", "Adam", "RAdam", "QHAdam", "Larc", "Lamb", "ranger", "SAdam",
+                   "StableAdam")
+
+
+def _paper_of(fn) -> str:
+    doc = inspect.getdoc(fn) or ""
+    arxiv = list(dict.fromkeys(re.findall(r"arXiv:\s*\d{4}\.\d{4,5}", doc)))
+    cited = re.findall(r"\(([A-Z][^()]*?\b(?:19|20)\d\d[a-z]?)\)", doc)
+    parts = [c for c in cited] + [a.replace(" ", "") for a in arxiv
+                                  if not any(a.replace(" ", "") in c for c in cited)]
+    return "; ".join(dict.fromkeys(parts)) or "-"
+
+
+def recipes_of(module) -> list[tuple[str, Callable]]:
+    """The public recipes of a module: the functions in its `__all__` that take an `lr`."""
+    found = []
+    for name in getattr(module, "__all__", ()):
+        obj = getattr(module, name, None)
+        if not inspect.isfunction(obj):
+            continue
+        try:
+            params = inspect.signature(inspect.unwrap(obj)).parameters
+        except (TypeError, ValueError):
+            continue
+        if "lr" in params:
+            found.append((name, obj))
+    return found
+
+
+def _optional_entries() -> list[Entry]:
+    entries = []
+    for module_name in OPTIONAL_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as error:
+            # Only the module itself being absent is expected; a broken import inside it is a bug
+            # that must show.
+            if error.name != module_name:
+                raise
+            continue
+        for name, fn in recipes_of(module):
+            lr = _RESEARCH_LR.get(name)
+            entries.append(Entry(name, fn, _paper_of(fn), lr=lr if lr is not None else 3e-3,
+                                 lr_tuned=lr is not None, module=module_name))
+    return entries
+
+
+@functools.lru_cache(maxsize=None)
+def _all() -> dict[str, Entry]:
+    entries = {e.name: dataclasses.replace(e, module=classic.__name__) for e in _CLASSIC}
+    for entry in _optional_entries():
+        if entry.name in entries:
+            raise RuntimeError(f"optimizer {entry.name!r} of {entry.module} has the name of a "
+                               f"classic one")
+        entries[entry.name] = entry
+    return entries
+
+
+def names() -> list[str]:
+    """Every registered optimizer name, classic ones first."""
+    return list(_all())
+
+
+def entries() -> list[Entry]:
+    return list(_all().values())
+
+
+class UnknownOptimizer(KeyError):
+    def __init__(self, name: str, close: list[str]):
+        self.name, self.close = name, close
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        super().__init__(f"unknown optimizer {name!r}{hint} (`optcraft list` shows them all)")
+
+    def __str__(self):
+        return self.args[0]
+
+
+def get(name: str) -> Entry:
+    """The entry named `name` (exact, else case-insensitive); `UnknownOptimizer` names close
+    matches."""
+    table = _all()
+    if name in table:
+        return table[name]
+    folded = {k.lower(): k for k in table}
+    if name.lower() in folded:
+        return table[folded[name.lower()]]
+    close = difflib.get_close_matches(name.lower(), list(folded), n=3, cutoff=0.5)
+    raise UnknownOptimizer(name, [folded[c] for c in close])
+
+
+def default_compare() -> list[str]:
+    """The default set of `optcraft compare`: the classic ones and two research optimizers."""
+    table = _all()
+    return [n for n in DEFAULT_COMPARE if n in table]
