@@ -255,7 +255,10 @@ def kernel_for(impl: str, cbs: Sequence[Callable]) -> Callable | None:
         step = fused.recognise(cbs)
 
         def fused_kernel(bucket, state, hyper, params, eager):
-            if not fused.layouts_match(params.tensors, params.grad.tensors, bucket, state):
+            # DTensor (FSDP2's sharded parameters) has no sharding rule for `_fused_sgd_`
+            # (torch 2.13): a sharded bucket runs the chain through foreach, which DTensor has.
+            if distribution_of(bucket.params[0]) is not None or \
+                    not fused.layouts_match(params.tensors, params.grad.tensors, bucket, state):
                 return eager()
             return step(bucket, state, hyper, params.tensors, params.grad.tensors)
         return fused_kernel

@@ -102,12 +102,19 @@ class _Delegating(_FastaiAPI, torch.optim.Optimizer):
         self._patch_step_function()
 
 
+#: Lookahead's step count in each parameter's state.
+COUNT = "lookahead_count"
+
+
 class Lookahead(_Delegating):
     """Lookahead (Zhang et al., 2019, arXiv:1907.08610): k fast steps of `opt`, then one step back.
 
     Slow weights `s` start as a copy of the parameters; every `k` steps
     `s <- s + alpha * (p - s)` and `p <- s`.  The slow weights live in the inner optimizer's
     state (`state[p]['slow_weight']`), so they are checkpointed, sharded and moved with it.
+    The step count is kept there too (`state[p]['lookahead_count']`, as torch.optim keeps
+    `step`): ZeroRedundancyOptimizer's consolidated checkpoints and torch.distributed.checkpoint
+    carry per-parameter state only, and a resumed run must synchronise on the same steps.
     """
 
     def __init__(self, opt: torch.optim.Optimizer, k: int = 6, alpha: float = 0.5):
@@ -138,6 +145,10 @@ class Lookahead(_Delegating):
             return loss
         self.opt.step()
         self.count += 1
+        for group in self.param_groups:
+            for p in group["params"]:
+                if "slow_weight" in self.state[p]:
+                    self.state[p][COUNT] = self.count
         if self.count % self.k == 0:
             self._synchronise()
         return loss
@@ -147,6 +158,12 @@ class Lookahead(_Delegating):
         """Start the slow weights of parameters seen with a gradient for the first time; return
         whether any parameter has a gradient."""
         any_grad = False
+        # The count in the state is the one to go on: a state loaded from outside (ZeRO, DCP)
+        # does not pass through `load_state_dict`.
+        recorded = [self.state[p][COUNT] for group in self.param_groups
+                    for p in group["params"] if COUNT in self.state.get(p, ())]
+        if recorded:
+            self.count = max(recorded)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -200,11 +217,14 @@ class Lookahead(_Delegating):
 
     def _load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
+        # torch.distributed.checkpoint keeps no entries but 'state' and 'param_groups': the count
+        # is then the one in the parameters' state.
         extra = state_dict.pop("lookahead", None)
-        if not isinstance(extra, dict) or "count" not in extra:
-            raise ValueError("not a Lookahead state dict: it has no 'lookahead' entry with 'count'")
+        if extra is not None and (not isinstance(extra, dict) or "count" not in extra):
+            raise ValueError("not a Lookahead state dict: its 'lookahead' entry has no 'count'")
         self.opt.load_state_dict(state_dict)
-        self.count = int(extra["count"])
+        recorded = [st[COUNT] for st in self.state.values() if COUNT in st]
+        self.count = int(extra["count"]) if extra is not None else max(recorded, default=0)
 
     def __repr__(self) -> str:
         return f"Lookahead(k={self.k}, alpha={self.alpha}) of {self.opt!r}"

@@ -1,0 +1,243 @@
+"""What the processes of tests/test_distributed.py run, and the single-process run they are
+compared with.
+
+`spawn(scenario, out_dir)` starts a process group of `WORLD` CPU processes (gloo, a TCP store
+on 127.0.0.1 that the calling process holds on a port the OS picked), each running the scenario
+for every optimizer of `OPTIMIZERS` in turn: the group is made once per scenario, not once per
+optimizer.  Each rank writes what it saw to `out_dir/<scenario>-rank<r>.pt`; the test reads those
+files and compares them with `train_single`, a plain single-process run on the whole batch.
+
+The scenarios:
+
+* ``ddp``: `DistributedDataParallel`, each rank on its half of the batch;
+* ``zero``: DDP with `ZeroRedundancyOptimizer(optimizer_class=<optcraft optimizer>)`, then
+  `consolidate_state_dict` and a second run resumed from that checkpoint;
+* ``fsdp``: FSDP2 (`fully_shard` on every linear layer and on the model), then a
+  `torch.distributed.checkpoint` save and load through `get_optimizer_state_dict` /
+  `set_optimizer_state_dict` and a resumed run.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import optcraft as oc
+
+WORLD = 2
+#: Steps before the checkpoint and after it; a whole run is the two together.
+STEPS_BEFORE, STEPS_AFTER = 4, 4
+STEPS = STEPS_BEFORE + STEPS_AFTER
+BATCH = 16  # the global batch; each rank takes BATCH // WORLD rows
+DTYPE = torch.float64
+TIMEOUT = datetime.timedelta(seconds=120)
+
+#: name -> (constructor, keywords): how ZeroRedundancyOptimizer takes them, `cls(params, **kw)`.
+#: Learning rates are chosen so that LARC's and LAMB's trust ratios are not clipped (the norms
+#: decide the step), and ranger's k=3 puts a Lookahead synchronisation on both sides of the
+#: checkpoint.
+OPTIMIZERS = {
+    "SGD": (oc.SGD, dict(lr=0.05, mom=0.9, wd=0.01)),
+    "RMSProp": (oc.RMSProp, dict(lr=0.01, mom=0.9, wd=0.01)),
+    "Adam": (oc.Adam, dict(lr=0.01, wd=0.01)),
+    "RAdam": (oc.RAdam, dict(lr=0.01, wd=0.01)),
+    "QHAdam": (oc.QHAdam, dict(lr=0.01, wd=0.01)),
+    "Larc": (oc.Larc, dict(lr=1.0, wd=0.01)),
+    "Lamb": (oc.Lamb, dict(lr=0.02, wd=0.01)),
+    "ranger": (oc.ranger, dict(lr=0.01, k=3)),
+}
+
+
+def make_model(seed: int = 0) -> nn.Sequential:
+    """A small MLP in float64.  Its first layer has 7 rows (FSDP2 shards them 4 + 3) and its last
+    one row, so rank 1's shard of the last weight and bias is empty."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(),
+                         nn.Linear(5, 1)).to(DTYPE)
+
+
+def make_data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The global batch of a step (the same on every rank and in the single-process run)."""
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(BATCH, 6, generator=g, dtype=DTYPE)
+    y = torch.randn(BATCH, 1, generator=g, dtype=DTYPE)
+    return x, y
+
+
+def make_optimizer(name: str, params):
+    cls, kwargs = OPTIMIZERS[name]
+    return cls(params, **kwargs)
+
+
+def _train(model, opt, steps: range, rows: slice = slice(None)):
+    for step in steps:
+        x, y = make_data(step)
+        opt.zero_grad(set_to_none=True)
+        # A mean over this rank's rows: DDP and FSDP average the gradients over the ranks, which
+        # makes the mean over the whole batch.
+        nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
+        opt.step()
+
+
+def train_single(name: str, steps: int = STEPS):
+    """The single-process run on the whole batch: the parameters after `steps` steps (in
+    `model.parameters()` order) and the optimizer's `state_dict()`."""
+    model = make_model()
+    opt = make_optimizer(name, model.parameters())
+    _train(model, opt, range(steps))
+    return [p.detach().clone() for p in model.parameters()], opt.state_dict()
+
+
+# ---- in the spawned processes -------------------------------------------------------------------
+
+def _rows(rank: int) -> slice:
+    n = BATCH // WORLD
+    return slice(rank * n, (rank + 1) * n)
+
+
+def _full(params) -> list[torch.Tensor]:
+    """Every parameter whole (a DTensor gathered from its shards), detached, on the CPU."""
+    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone().cpu()
+            for p in params]
+
+
+def _ddp(rank: int, out_dir: Path) -> dict:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    result = {}
+    for name in OPTIMIZERS:
+        model = DDP(make_model())
+        opt = make_optimizer(name, model.parameters())
+        _train(model, opt, range(STEPS), _rows(rank))
+        result[name] = _full(model.parameters())
+    return result
+
+
+def _zero(rank: int, out_dir: Path) -> dict:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    result = {}
+    for name in OPTIMIZERS:
+        cls, kwargs = OPTIMIZERS[name]
+        model = DDP(make_model())
+        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, **kwargs)
+        _train(model, opt, range(STEPS_BEFORE), _rows(rank))
+        opt.consolidate_state_dict(to=0)
+        checkpoint = out_dir / f"zero-{name}.pt"
+        if rank == 0:
+            torch.save({"model": model.module.state_dict(), "optimizer": opt.state_dict()},
+                       checkpoint)
+        dist.barrier()
+        _train(model, opt, range(STEPS_BEFORE, STEPS), _rows(rank))
+        uninterrupted = _full(model.parameters())
+
+        # A new model and optimizer (from another seed), resumed from the checkpoint: every rank
+        # loads the whole consolidated state and keeps its own partition of it.
+        saved = torch.load(checkpoint, weights_only=True)
+        resumed_model = make_model(seed=1)
+        resumed_model.load_state_dict(saved["model"])
+        resumed_model = DDP(resumed_model)
+        resumed = ZeroRedundancyOptimizer(resumed_model.parameters(), optimizer_class=cls,
+                                          **kwargs)
+        resumed.load_state_dict(saved["optimizer"])
+        _train(resumed_model, resumed, range(STEPS_BEFORE, STEPS), _rows(rank))
+        result[name] = {"uninterrupted": uninterrupted,
+                        "resumed": _full(resumed_model.parameters()),
+                        # read again: ZeRO's load_state_dict keeps the loaded tensors as its
+                        # state (no copy), so the run above has moved `saved`'s on
+                        "checkpoint": torch.load(checkpoint, weights_only=True)["optimizer"]
+                        if rank == 0 else None}
+    return result
+
+
+def _sharded_model(seed: int = 0) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model(seed)
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def _fsdp(rank: int, out_dir: Path) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
+        set_optimizer_state_dict)
+
+    # The per-tensor reductions LARC and LAMB use, on DTensors: they must be those of the whole
+    # parameter and gradient, not of this rank's shard.
+    model = _sharded_model()
+    x, y = make_data(0)
+    nn.functional.mse_loss(model(x[_rows(rank)]), y[_rows(rank)]).backward()
+    params = oc.ParamList(model.parameters())
+    result = {"reductions": {"shards": [tuple(p.to_local().shape) for p in params],
+                             "norm": _full(params.norm()), "rms": _full(params.rms()),
+                             "grad_norm": _full(params.grad.norm()),
+                             "grad_rms": _full(params.grad.rms())}}
+    for name in OPTIMIZERS:
+        model = _sharded_model()
+        opt = make_optimizer(name, model.parameters())
+        _train(model, opt, range(STEPS_BEFORE), _rows(rank))
+
+        checkpoint = out_dir / f"fsdp-{name}"
+        dcp.save({"model": get_model_state_dict(model),
+                  "optimizer": get_optimizer_state_dict(model, opt)}, checkpoint_id=checkpoint)
+        # The whole optimizer state (every tensor gathered), to compare with the single process.
+        whole = get_optimizer_state_dict(model, opt, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+        _train(model, opt, range(STEPS_BEFORE, STEPS), _rows(rank))
+        uninterrupted = _full(model.parameters())
+
+        resumed_model = _sharded_model(seed=1)
+        resumed = make_optimizer(name, resumed_model.parameters())
+        loaded = {"model": get_model_state_dict(resumed_model),
+                  "optimizer": get_optimizer_state_dict(resumed_model, resumed)}
+        dcp.load(loaded, checkpoint_id=checkpoint)
+        set_model_state_dict(resumed_model, loaded["model"])
+        set_optimizer_state_dict(resumed_model, resumed, loaded["optimizer"])
+        _train(resumed_model, resumed, range(STEPS_BEFORE, STEPS), _rows(rank))
+        result[name] = {"uninterrupted": uninterrupted,
+                        "resumed": _full(resumed_model.parameters()),
+                        "state": whole if rank == 0 else None}
+    return result
+
+
+SCENARIOS = {"ddp": _ddp, "zero": _zero, "fsdp": _fsdp}
+
+
+def _run(rank: int, scenario: str, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, WORLD + 1, is_master=False, timeout=TIMEOUT)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD, timeout=TIMEOUT)
+    try:
+        result = SCENARIOS[scenario](rank, Path(out_dir))
+        torch.save(result, Path(out_dir) / f"{scenario}-rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(scenario: str, out_dir: Path) -> list:
+    """Run `scenario` on `WORLD` processes; return each rank's result."""
+    if sys.platform.startswith("linux"):
+        # gloo finds its network interface from the host name unless told; the loopback one is
+        # always there.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # The store's server lives here, on a port the OS picked: no race for a free port.  The
+    # workers and this process are its WORLD + 1 clients.
+    store = dist.TCPStore("127.0.0.1", 0, WORLD + 1, is_master=True, timeout=TIMEOUT,
+                          wait_for_workers=False)
+    mp.start_processes(_run, args=(scenario, store.port, str(out_dir)), nprocs=WORLD,
+                       join=True, start_method="spawn")
+    del store
+    return [torch.load(Path(out_dir) / f"{scenario}-rank{r}.pt", weights_only=True)
+            for r in range(WORLD)]
