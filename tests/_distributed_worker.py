@@ -37,6 +37,8 @@ STEPS = STEPS_BEFORE + STEPS_AFTER
 BATCH = 16  # the global batch; each rank takes BATCH // WORLD rows
 DTYPE = torch.float64
 TIMEOUT = datetime.timedelta(seconds=120)
+#: Rank r's part of a pending-sum DTensor is randn(5) from the seed PARTIAL_SEED + r.
+PARTIAL_SEED = 7
 
 #: name -> (constructor, keywords): how ZeroRedundancyOptimizer takes them, `cls(params, **kw)`.
 #: Learning rates are chosen so that LARC's and LAMB's trust ratios are not clipped (the norms
@@ -179,10 +181,23 @@ def _fsdp(rank: int, out_dir: Path) -> dict:
     x, y = make_data(0)
     nn.functional.mse_loss(model(x[_rows(rank)]), y[_rows(rank)]).backward()
     params = oc.ParamList(model.parameters())
+    # Lists a sharded model does not make: a pending sum (each rank holds a part of the values)
+    # and a replicated tensor beside a sharded one.
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    mesh = params[0].device_mesh
+    part = torch.randn(5, generator=torch.Generator().manual_seed(PARTIAL_SEED + rank),
+                       dtype=DTYPE)
+    mixed = oc.TensorList([params[0], DTensor.from_local(torch.arange(3.0, dtype=DTYPE), mesh,
+                                                         [Replicate()]),
+                           DTensor.from_local(part, mesh, [Partial()])])
     result = {"reductions": {"shards": [tuple(p.to_local().shape) for p in params],
                              "norm": _full(params.norm()), "rms": _full(params.rms()),
                              "grad_norm": _full(params.grad.norm()),
-                             "grad_rms": _full(params.grad.rms())}}
+                             "grad_rms": _full(params.grad.rms()),
+                             "norm_1": _full(params.norm(1)),
+                             "norm_inf": _full(params.norm(float("inf"))),
+                             "mixed_norm": _full(mixed.norm())}}
     for name in OPTIMIZERS:
         model = _sharded_model()
         opt = make_optimizer(name, model.parameters())

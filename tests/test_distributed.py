@@ -149,16 +149,25 @@ def test_fsdp_shards_are_uneven_and_one_is_empty(fsdp):
 
 def test_fsdp_per_tensor_norms_are_those_of_the_whole_tensor(fsdp):
     """TensorList's norm and rms of sharded parameters and gradients (what LARC and LAMB use)
-    equal torch.linalg.vector_norm of the whole tensors of the single-process model."""
+    equal torch.linalg.vector_norm of the whole tensors of the single-process model; so do the
+    norms of a list mixing a sharded, a replicated and a pending-sum DTensor."""
     model = worker.make_model()
     x, y = worker.make_data(0)
     torch.nn.functional.mse_loss(model(x), y).backward()
-    params = list(model.parameters())
+    params = [p.detach() for p in model.parameters()]
+    grads = [p.grad for p in model.parameters()]
+    norm = torch.linalg.vector_norm
+    pending_sum = sum(torch.randn(5, generator=torch.Generator().manual_seed(
+        worker.PARTIAL_SEED + rank), dtype=worker.DTYPE) for rank in range(worker.WORLD))
     expected = {
-        "norm": [torch.linalg.vector_norm(p.detach()) for p in params],
-        "rms": [torch.linalg.vector_norm(p.detach()) / p.numel() ** 0.5 for p in params],
-        "grad_norm": [torch.linalg.vector_norm(p.grad) for p in params],
-        "grad_rms": [torch.linalg.vector_norm(p.grad) / p.numel() ** 0.5 for p in params],
+        "norm": [norm(p) for p in params],
+        "rms": [norm(p) / p.numel() ** 0.5 for p in params],
+        "grad_norm": [norm(g) for g in grads],
+        "grad_rms": [norm(g) / g.numel() ** 0.5 for g in grads],
+        "norm_1": [norm(p, 1) for p in params],
+        "norm_inf": [norm(p, float("inf")) for p in params],
+        "mixed_norm": [norm(params[0]), norm(torch.arange(3.0, dtype=worker.DTYPE)),
+                       norm(pending_sum)],
     }
     for rank in range(worker.WORLD):
         for kind, values in expected.items():
