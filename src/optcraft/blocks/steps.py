@@ -43,8 +43,12 @@ def adam_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, **kwargs):
     """Adam (Kingma & Ba, 2015, arXiv:1412.6980), on damped averages:
     `p <- p - lr * (grad_avg / debias1) / (sqrt(sqr_avg / debias2) + eps)`."""
     debias1 = debias(mom, 1 - mom, step)
-    debias2 = debias(sqr_mom, 1 - sqr_mom, step)
-    p.addcdiv_(grad_avg, _adam_denominator(sqr_avg, debias2, eps), value=-lr / debias1)
+    root2 = sqrt(debias(sqr_mom, 1 - sqr_mom, step))
+    # The same update with debias2 moved out of the square root,
+    # `lr sqrt(debias2) / debias1 * grad_avg / (sqrt(sqr_avg) + eps sqrt(debias2))`:
+    # one pass over memory fewer than dividing sqr_avg first.
+    denom = sqr_avg.sqrt().add_(eps * root2)
+    p.addcdiv_(grad_avg, denom, value=-lr * root2 / debias1)
     return p
 
 
