@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import numbers
 from functools import partial
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 
@@ -238,7 +238,3 @@ def lion(params, learning_rate, b1=0.9, b2=0.99, weight_decay=1e-3, mask=None, *
                     sqr_mom=b2, wd=weight_decay, impl=impl, master_weights=master_weights)
     return apply_mask(opt, mask, who="lion: mask")
 
-
-#: For `optcraft list` and friends: the factories of this module by name.
-FACTORIES: dict[str, Callable] = {"adam": adam, "adamw": adamw, "sgd": sgd, "lars": lars,
-                                  "lamb": lamb, "lion": lion}
