@@ -40,7 +40,7 @@ class Entry:
 
     `settings` are keyword arguments the command-line tools always pass (SGD gets momentum), and
     `lr` the learning rate they use unless told otherwise: the best of a sweep (half-decade steps,
-    10 epochs, seeds 0 and 1) on the digits network of `optcraft compare` (`lr_tuned=False` where
+    10 epochs, seeds 0 and 1) on the digits conv net of `optcraft compare` (`lr_tuned=False` where
     it is Adam's, not a sweep's result).
     """
 
@@ -151,20 +151,24 @@ def _introspect(entry: Entry):
 _CLASSIC = [
     Entry("SGD", classic.SGD, "Robbins & Monro 1951; momentum: Polyak 1964", lr=0.1,
           settings={"mom": 0.9}),
-    Entry("RMSProp", classic.RMSProp, "Hinton, Coursera lecture 6e, 2012", lr=3e-3),
+    Entry("RMSProp", classic.RMSProp, "Hinton, Coursera lecture 6e, 2012", lr=1e-3),
     Entry("Adam", classic.Adam, "Kingma & Ba 2015, arXiv:1412.6980; AdamW: arXiv:1711.05101",
-          lr=3e-3),
-    Entry("RAdam", classic.RAdam, "Liu et al. 2020, arXiv:1908.03265", lr=5e-3),
-    Entry("QHAdam", classic.QHAdam, "Ma & Yarats 2019, arXiv:1810.06801", lr=3e-3),
+          lr=1e-2),
+    Entry("RAdam", classic.RAdam, "Liu et al. 2020, arXiv:1908.03265", lr=3e-3),
+    Entry("QHAdam", classic.QHAdam, "Ma & Yarats 2019, arXiv:1810.06801", lr=1e-2),
     Entry("Larc", classic.Larc, "You et al. 2017, arXiv:1708.03888", lr=0.1),
     Entry("Lamb", classic.Lamb, "You et al. 2020, arXiv:1904.00962", lr=1e-2),
     Entry("ranger", classic.ranger,
           "Wright 2019; RAdam arXiv:1908.03265 + Lookahead arXiv:1907.08610", lr=1e-2),
 ]
 
-#: Learning rates for research recipes, from the same sweep; a research recipe not listed here
-#: gets Adam's with `lr_tuned=False`.
-_RESEARCH_LR: dict[str, float] = {}
+#: Learning rates for research recipes, from the same sweep (1e-3 to 3e-2); a research recipe not
+#: listed here gets Adam's with `lr_tuned=False`.  DuvAdam and SUAdam were still improving at the
+#: sweep's largest rate; BAdam's loss became NaN at every rate of the sweep, so it has none.
+_RESEARCH_LR: dict[str, float] = {
+    "SAdam": 1e-2, "StableAdam": 3e-3, "SRAdam": 1e-2, "LAMB": 1e-2, "AdamGC": 3e-3,
+    "AdamAWD": 3e-3, "UM": 1e-3, "PreLAMB": 3e-2, "DuvAdam": 3e-2, "SUAdam": 3e-2,
+}
 
 #: The optimizers `optcraft compare` runs by default (those not installed are left out).
 DEFAULT_COMPARE = ("SGD", "Adam", "RAdam", "QHAdam", "Larc", "Lamb", "ranger", "SAdam",
@@ -172,12 +176,16 @@ DEFAULT_COMPARE = ("SGD", "Adam", "RAdam", "QHAdam", "Larc", "Lamb", "ranger", "
 
 
 def _paper_of(fn) -> str:
-    doc = inspect.getdoc(fn) or ""
-    arxiv = list(dict.fromkeys(re.findall(r"arXiv:\s*\d{4}\.\d{4,5}", doc)))
-    cited = re.findall(r"\(([A-Z][^()]*?\b(?:19|20)\d\d[a-z]?)\)", doc)
-    parts = [c for c in cited] + [a.replace(" ", "") for a in arxiv
-                                  if not any(a.replace(" ", "") in c for c in cited)]
-    return "; ".join(dict.fromkeys(parts)) or "-"
+    """The citations in a recipe's docstring: parentheses holding a year or an arXiv number, then
+    any arXiv number not already inside one."""
+    doc = " ".join((inspect.getdoc(fn) or "").split())
+    cited = re.findall(r"\(([^()]*?(?:\b(?:19|20)\d\d\b|arXiv:)[^()]*)\)", doc)
+    arxiv = [a for a in re.findall(r"arXiv:\s*\d{4}\.\d{4,5}", doc)
+             if not any(a in c for c in cited)]
+    found = "; ".join(dict.fromkeys(cited + arxiv))
+    if not found and "notebook" in doc:
+        return "unpublished: a researcher's notebook"
+    return found or "-"
 
 
 def recipes_of(module) -> list[tuple[str, Callable]]:
@@ -209,7 +217,8 @@ def _optional_entries() -> list[Entry]:
             continue
         for name, fn in recipes_of(module):
             lr = _RESEARCH_LR.get(name)
-            entries.append(Entry(name, fn, _paper_of(fn), lr=lr if lr is not None else 3e-3,
+            adam_lr = next(e.lr for e in _CLASSIC if e.name == "Adam")
+            entries.append(Entry(name, fn, _paper_of(fn), lr=lr if lr is not None else adam_lr,
                                  lr_tuned=lr is not None, module=module_name))
     return entries
 
@@ -235,26 +244,37 @@ def entries() -> list[Entry]:
 
 
 class UnknownOptimizer(KeyError):
-    def __init__(self, name: str, close: list[str]):
+    def __init__(self, name: str, close: list[str], differs_by: str = ""):
         self.name, self.close = name, close
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        super().__init__(f"unknown optimizer {name!r}{hint} (`optcraft list` shows them all)")
+        if differs_by:
+            message = (f"optimizer name {name!r} is ambiguous: {' or '.join(close)} (they differ "
+                       f"only by {differs_by}; give one exactly)")
+        else:
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            message = f"unknown optimizer {name!r}{hint} (`optcraft list` shows them all)"
+        super().__init__(message)
 
     def __str__(self):
         return self.args[0]
 
 
 def get(name: str) -> Entry:
-    """The entry named `name` (exact, else case-insensitive); `UnknownOptimizer` names close
-    matches."""
+    """The entry named `name`: exact, else the one entry whose name matches ignoring case;
+    `UnknownOptimizer` names close matches (and the candidates when the case decides, as between
+    the classic `Lamb` and the research `LAMB`)."""
     table = _all()
     if name in table:
         return table[name]
-    folded = {k.lower(): k for k in table}
-    if name.lower() in folded:
-        return table[folded[name.lower()]]
-    close = difflib.get_close_matches(name.lower(), list(folded), n=3, cutoff=0.5)
-    raise UnknownOptimizer(name, [folded[c] for c in close])
+    same = [k for k in table if k.lower() == name.lower()]
+    if len(same) == 1:
+        return table[same[0]]
+    if same:
+        raise UnknownOptimizer(name, same, "case")
+    by_folded = {}
+    for k in table:
+        by_folded.setdefault(k.lower(), []).append(k)
+    close = difflib.get_close_matches(name.lower(), list(by_folded), n=3, cutoff=0.5)
+    raise UnknownOptimizer(name, [k for c in close for k in by_folded[c]])
 
 
 def default_compare() -> list[str]:

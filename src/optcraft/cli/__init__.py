@@ -24,7 +24,7 @@ PROG = "optcraft"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import compare, listing
+    from . import compare, listing, lr_find, trajectory
 
     parser = argparse.ArgumentParser(
         prog=PROG, description="Composable PyTorch optimizers: compare them on a real dataset, "
@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     compare.add_parser(subparsers)
+    lr_find.add_parser(subparsers)
+    trajectory.add_parser(subparsers)
     listing.add_parsers(subparsers)
     subparsers.add_parser("bench", help="benchmarks (optcraft.bench; `optcraft bench --help`)",
                           add_help=False)

@@ -87,6 +87,21 @@ def build_optimizer(entry: registry.Entry, params, lr: float | None, impl: str |
         raise CLIError(f"{entry.name}: {error}") from None
 
 
+def at_least(value: int, minimum: int, option: str) -> int:
+    if value < minimum:
+        raise CLIError(f"{option} must be at least {minimum}, got {value}")
+    return value
+
+
+def prepare(out: str) -> Path:
+    """Before any work: the output folder is writable, matplotlib imports (a missing one is
+    reported now, not after training), torch runs on few threads."""
+    folder = output_folder(out)
+    pyplot()
+    few_threads()
+    return folder
+
+
 def output_folder(path: str) -> Path:
     """Create the folder (and its parents) and check that a file can be written there, before any
     work is done."""
@@ -100,6 +115,31 @@ def output_folder(path: str) -> Path:
         reason = error.strerror or str(error)
         raise CLIError(f"cannot write to output folder {str(folder)!r}: {reason}") from None
     return folder
+
+
+def add_run_options(parser, *, training: bool = True) -> None:
+    """The options every training command shares: --batch-size and --seed (with `training`),
+    --impl and --out."""
+    from .. import engine
+
+    if training:
+        parser.add_argument("--batch-size", type=int, default=64, help="default: 64")
+        parser.add_argument("--seed", type=int, default=0,
+                            help="initial weights and data order (default: 0)")
+    parser.add_argument("--impl", choices=engine.IMPLS, default=None,
+                        help="execution path of optcraft's optimizers (default: auto)")
+    parser.add_argument("--out", default="optcraft-out", metavar="FOLDER",
+                        help="output folder (default: ./optcraft-out)")
+
+
+def save_figure(fig, path, title: str, dpi: int) -> None:
+    """Title, lay out, write as PNG at `dpi` and free the figure."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
 
 
 def pyplot():
@@ -124,14 +164,22 @@ def few_threads() -> None:
 
 
 def digits_model(n_features: int, n_classes: int, seed: int) -> torch.nn.Module:
-    """The network of `compare` and `lr-find`: a two-hidden-layer MLP, initialised from `seed`."""
+    """The network of `compare` and `lr-find`, initialised from `seed`: a small conv net on the
+    8x8 images (two 3x3 convolutions, 16 and 32 channels, a 2x2 max-pool, a linear classifier;
+    9,930 parameters).  Convolutions, because several research optimizers treat conv weights
+    differently (per output channel, or by gradient centralisation)."""
+    side = int(round(n_features ** 0.5))
+    if side * side != n_features:
+        raise ValueError(f"digits_model expects square images, got {n_features} features")
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
         model = torch.nn.Sequential(
-            torch.nn.Linear(n_features, 128), torch.nn.ReLU(),
-            torch.nn.Linear(128, 64), torch.nn.ReLU(),
-            torch.nn.Linear(64, n_classes))
+            torch.nn.Unflatten(1, (1, side, side)),
+            torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+            torch.nn.Linear(32 * (side // 2) ** 2, n_classes))
     finally:
         torch.random.set_rng_state(generator_state)
     return model
@@ -145,4 +193,5 @@ def batches(n: int, batch_size: int, generator: torch.Generator):
 
 __all__ = ["CLIError", "MissingDependency", "optimizer_names", "lookup", "parse_lrs",
            "positive_float", "build_optimizer", "output_folder", "pyplot", "progress",
-           "digits_model", "batches", "few_threads"]
+           "digits_model", "batches", "few_threads",
+           "add_run_options", "save_figure", "at_least", "prepare"]

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .. import engine, registry
+from .. import registry
 from ..data import Digits, load_digits
-from .common import (CLIError, batches, build_optimizer, digits_model, few_threads, optimizer_names,
-                     output_folder, parse_lrs, positive_float, progress, pyplot)
+from .common import (add_run_options, at_least, batches, build_optimizer, digits_model,
+                     optimizer_names, parse_lrs, prepare, progress, pyplot, save_figure)
 
 FIGURE_SIZE = (12.0, 4.5)  # inches, at FIGURE_DPI: a 1200 x 450 pixel PNG
 FIGURE_DPI = 100
@@ -39,13 +39,7 @@ def add_parser(subparsers):
     parser.add_argument("--lr", metavar="NAME=LR,...",
                         help="learning rates, e.g. Adam=3e-3,SGD=0.1, or one number for all "
                              "(default: each optimizer's tuned value, see `optcraft show NAME`)")
-    parser.add_argument("--batch-size", type=int, default=64, help="default: 64")
-    parser.add_argument("--seed", type=int, default=0, help="initial weights and data order "
-                        "(default: 0)")
-    parser.add_argument("--impl", choices=engine.IMPLS, default=None,
-                        help="execution path of optcraft's optimizers (default: auto)")
-    parser.add_argument("--out", default="optcraft-out", metavar="FOLDER",
-                        help="output folder (default: ./optcraft-out)")
+    add_run_options(parser)
     parser.set_defaults(run=run)
     return parser
 
@@ -182,22 +176,16 @@ def plot(path, results: list[Result], steps_per_epoch: int, epochs: int) -> None
     for ax in (ax_loss, ax_acc):
         ax.grid(True, alpha=0.3)
     ax_acc.legend(loc="lower right", fontsize="small", ncol=2)
-    fig.suptitle(f"optcraft compare: digits MLP, {epochs} epochs x {steps_per_epoch} steps")
-    fig.tight_layout()
-    fig.savefig(path, dpi=FIGURE_DPI)
-    plt.close(fig)
+    save_figure(fig, path, f"optcraft compare: digits conv net, {epochs} epochs x "
+                           f"{steps_per_epoch} steps", FIGURE_DPI)
 
 
 def run(args) -> int:
     names = optimizer_names(args.optimizers, registry.default_compare())
     lrs = parse_lrs(args.lr, names)
-    if args.epochs < 1:
-        raise CLIError(f"--epochs must be at least 1, got {args.epochs}")
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be at least 1, got {args.batch_size}")
-    folder = output_folder(args.out)
-    few_threads()
-    pyplot()  # a missing matplotlib is reported before training, not after
+    at_least(args.epochs, 1, "--epochs")
+    at_least(args.batch_size, 1, "--batch-size")
+    folder = prepare(args.out)
     data = load_digits()
     init_state = digits_model(data.n_features, data.n_classes, args.seed).state_dict()
     entries = [registry.get(n) for n in names]
