@@ -169,8 +169,13 @@ def spread(name: str, value: Any, n_groups: int) -> list:
         raise ValueError(f"{name}: a tensor value must be 0-d (one value); for one value per group "
                          f"give a list")
     if hasattr(value, "__array__") and not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name}: got an array ({type(value).__name__}); give a number, a list or "
-                        f"tuple with one value per group, or a slice")
+        # fastai's schedulers give one value per group as a numpy array (discriminative lrs).
+        listed = value.tolist() if hasattr(value, "tolist") else None
+        if listed is None or isinstance(listed, list) and any(isinstance(v, list) for v in listed):
+            raise TypeError(f"{name}: got an array ({type(value).__name__}) that is not one value "
+                            f"or one row of values; give a number, a list or tuple with one value "
+                            f"per group, or a slice")
+        return spread(name, listed, n_groups)
     return [value] * n_groups
 
 

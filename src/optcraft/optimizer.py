@@ -110,7 +110,10 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
         self.schedule_step, self._schedules, self._written = 0, [], []
         self.impl = engine.check_impl(impl)
         engine.resolve(self.impl, self.cbs)  # "fused" without a torch kernel fails here
-        groups = _as_groups(params)
+        # Group dicts in torch's names (`weight_decay`, as the Hugging Face Trainer makes them)
+        # are translated before the defaults fill them, so the two spellings never meet.
+        groups = [hp.canonical_names(g, f"parameter group {i}: ")
+                  for i, g in enumerate(_as_groups(params))]
         merged = hp.merge_defaults(self.cbs, hp.canonical_names(defaults))
         per_group = {k: hp.spread(k, v, len(groups)) for k, v in merged.items()}
         for i, group in enumerate(groups):
