@@ -6,9 +6,13 @@ An optimizer is a short chain of building blocks (fastai's design), it is a real
 from .blocks import (adam_step, average_grad, average_sqr_grad, block, debias, l2_reg, lamb_step,
                      larc_layer_lr, larc_step, momentum_step, qhadam_step, radam_step,
                      rms_prop_step, sgd_step, step_stat, weight_decay)
+from . import groups, optax, schedules, transforms
+from .groups import param_groups
 from .optimizer import Optimizer
 from .optimizers.classic import QHAdam, RAdam, RMSProp, SGD, Adam, Lamb, Larc, ranger
 from .tensorlist import ParamList, TensorList
+from .transforms import (Transformed, accumulate, adaptive_clip, clip_by_global_norm,
+                         skip_nonfinite)
 from .wrappers import Lookahead, OptimWrapper, detuplify_pg, pytorch_hp_map, set_item_pg
 
 __version__ = "0.1.0"
@@ -20,4 +24,6 @@ __all__ = [
     "rms_prop_step", "step_stat", "debias", "adam_step", "radam_step", "qhadam_step",
     "larc_layer_lr", "larc_step", "lamb_step",
     "detuplify_pg", "set_item_pg", "pytorch_hp_map",
+    "schedules", "optax", "transforms", "groups", "param_groups",
+    "Transformed", "clip_by_global_norm", "adaptive_clip", "skip_nonfinite", "accumulate",
 ]

@@ -97,7 +97,8 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
             `weight_decay` are accepted for `(mom, sqr_mom)`, `mom` and `wd`.
     """
 
-    _keep_on_clear = ("force_train", "do_wd")
+    # fastai keeps force_train and do_wd; do_trust_ratio is optcraft.optax.lars's mask, a flag alike.
+    _keep_on_clear = ("force_train", "do_wd", "do_trust_ratio")
 
     def __init__(self, params, cbs, train_bn: bool = True, impl: str = "auto",
                  master_weights: bool = True, **defaults):
@@ -257,7 +258,7 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
                     p.grad.zero_()
 
     def clear_state(self) -> None:
-        """Forget all state but the flags `force_train` and `do_wd`."""
+        """Forget all state but the per-parameter flags (`force_train`, `do_wd`, `do_trust_ratio`)."""
         for p, *_ in self.all_params():
             kept = {k: self.state[p][k] for k in self._keep_on_clear if k in self.state[p]}
             self.state[p] = kept
