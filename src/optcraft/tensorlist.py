@@ -57,18 +57,18 @@ class TensorList:
     def map(self, fn: Callable, *others) -> "TensorList":
         """Apply `fn` tensor by tensor: the fallback for operations torch has no foreach for."""
         cols = [_per_tensor(o, len(self)) for o in others]
-        return TensorList(fn(t, *(c[i] for c in cols)) for i, t in enumerate(self.tensors))
+        return TensorList([fn(t, *[c[i] for c in cols]) for i, t in enumerate(self.tensors)])
 
     # ---- construction ---------------------------------------------------------------------
     def zeros_like(self, dtype=None) -> "TensorList":
-        return TensorList(torch.zeros_like(t, dtype=dtype, memory_format=torch.preserve_format)
-                          for t in self.tensors)
+        return TensorList([torch.zeros_like(t, dtype=dtype, memory_format=torch.preserve_format)
+                           for t in self.tensors])
 
     def clone(self) -> "TensorList":
-        return TensorList(t.clone(memory_format=torch.preserve_format) for t in self.tensors)
+        return TensorList([t.clone(memory_format=torch.preserve_format) for t in self.tensors])
 
     def to(self, *args, **kwargs) -> "TensorList":
-        return TensorList(t.to(*args, **kwargs) for t in self.tensors)
+        return TensorList([t.to(*args, **kwargs) for t in self.tensors])
 
     # ---- out-of-place arithmetic ------------------------------------------------------------
     def add(self, other, alpha=1) -> "TensorList":
@@ -135,7 +135,7 @@ class TensorList:
         """`self` where `condition` holds, else `other` (tensor by tensor, broadcasting)."""
         n = len(self)
         c, o = _per_tensor(condition, n), _per_tensor(other, n)
-        return TensorList(torch.where(c[i], t, o[i]) for i, t in enumerate(self.tensors))
+        return TensorList([torch.where(c[i], t, o[i]) for i, t in enumerate(self.tensors)])
 
     # ---- in-place arithmetic -----------------------------------------------------------------
     def add_(self, other, alpha=1) -> "TensorList":
@@ -241,10 +241,10 @@ class TensorList:
         return self.norm().div([math.sqrt(max(n, 1)) for n in self.numel()])
 
     def sum(self) -> "TensorList":
-        return TensorList(t.sum() for t in self.tensors)
+        return TensorList([t.sum() for t in self.tensors])
 
     def mean(self) -> "TensorList":
-        return TensorList(t.mean() for t in self.tensors)
+        return TensorList([t.mean() for t in self.tensors])
 
     # ---- operators -----------------------------------------------------------------------------
     __add__ = add
@@ -306,7 +306,7 @@ class ParamList(TensorList):
 
     def __init__(self, params: Iterable[torch.Tensor], grads: Iterable[torch.Tensor] | None = None):
         super().__init__(params)
-        self.grad = TensorList(grads if grads is not None else (p.grad for p in self.tensors))
+        self.grad = TensorList(grads if grads is not None else [p.grad for p in self.tensors])
 
     @property
     def data(self) -> "ParamList":
@@ -485,9 +485,9 @@ def where(condition, a, b):
             return a.where(condition, b)
         n = len(condition)
         a_, b_ = _per_tensor(a, n), _per_tensor(b, n)
-        return TensorList(torch.where(c, torch.as_tensor(a_[i], device=c.device),
-                                      torch.as_tensor(b_[i], device=c.device))
-                          for i, c in enumerate(condition.tensors))
+        return TensorList([torch.where(c, torch.as_tensor(a_[i], device=c.device),
+                                       torch.as_tensor(b_[i], device=c.device))
+                           for i, c in enumerate(condition.tensors)])
     if isinstance(a, TensorList):
         return a.where(condition, b)
     if isinstance(b, TensorList):

@@ -196,10 +196,16 @@ def stable_adam_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, init_rms
     """StableAdam's step: Adam's, `s = m_hat / (sqrt(v_hat) + eps)`, with each output channel `k`
     of the tensors `record_channel_rms` chose scaled by how much its RMS has grown since their
     first step: `p^k <- p^k - lr * (rms(p^k) / rms(p^k_0)) * s^k` (ratio 1 where either is 0)."""
-    s = grad_avg.div(_adam_denominator(sqr_avg, debias(sqr_mom, 1 - sqr_mom, step), eps))
     chosen, init = _recorded(p, init_rms)
     if chosen is not None:
-        ratios = iter(_ratio(chosen.map(_channel_rms), init))
+        ratios = _ratio(chosen.map(_channel_rms), init)
+        # A no-op in eager mode.  Under torch.compile the graph ends here, after the per-channel
+        # reduction of `p`: torch 2.13's CPU code generation fails (KeyError 'buf..' in its outer
+        # loop fusion) on one graph that reduces `p` per channel and then writes `p`.
+        torch._dynamo.graph_break()
+    s = grad_avg.div(_adam_denominator(sqr_avg, debias(sqr_mom, 1 - sqr_mom, step), eps))
+    if chosen is not None:
+        ratios = iter(ratios)
         s = TensorList([t if r is None else t * next(ratios) for t, r in zip(s.tensors, init_rms)])
     p.add_(s, alpha=-lr / debias(mom, 1 - mom, step))
 
@@ -249,22 +255,34 @@ def sign_clamp(x: TensorList, floor) -> TensorList:
 
 
 @block(defaults=dict(smooth=50.0), state=("curv_avg", "prev_grad", "prev_step"),
-       static=("smooth",))
+       static=("smooth", "secant"))
 def badam_step(p, lr, mom, step, sqr_mom, grad_avg, layer_scale, smooth, curv_avg=None,
-               prev_grad=None, prev_step=None, **kwargs):
+               prev_grad=None, prev_step=None, secant="softplus", **kwargs):
     """BAdam's step: a secant estimate of the curvature from the last step `s_{t-1}`,
-    `phi = (g_t - g_{t-1}) / sign_clamp(s_{t-1}, mean|s_{t-1}|)` (0 where that is 0, an all-zero
-    last step), `curv_avg <- sqr_mom * curv_avg + (1 - sqr_mom) * phi` from the second step on,
+    `phi = (g_t - g_{t-1}) / softplus(s_{t-1}, smooth)` (`secant="softplus"`, the notebook's
+    algorithm cell) or `phi = (g_t - g_{t-1}) / sign_clamp(s_{t-1}, mean|s_{t-1}|)`
+    (`secant="sign_clamp"`, its code; 0 where that is 0, an all-zero last step),
+    `curv_avg <- sqr_mom * curv_avg + (1 - sqr_mom) * phi` from the second step on,
     `s_t = lr * layer_scale * m_hat / softplus(|curv_avg / (1 - sqr_mom**(t-1))|, smooth)`
-    (`s_1 = lr * layer_scale * m_hat`), `p <- p - s_t`."""
+    (`s_1 = lr * layer_scale * m_hat`), `p <- p - s_t`.
+
+    The softplus keeps the divisor above log(2) / smooth.  With `sign_clamp` the divisor shrinks
+    with the step, and the step with the curvature: on noisy gradients the two feed each other
+    until the curvature overflows (docs/research.md)."""
     if curv_avg is None:
-        curv_avg, prev_grad, prev_step = (p.grad.zeros_like() for _ in range(3))
+        curv_avg, prev_grad, prev_step = [p.grad.zeros_like() for _ in range(3)]
     first = step == 1
-    floor = prev_step.norm(1).div([max(n, 1) for n in prev_step.numel()])
-    clamped = sign_clamp(prev_step, floor)
-    phi = where(clamped == 0, 0.0, p.grad.sub(prev_grad).div_(clamped))
-    # At the first step phi is 0 (nothing moved yet), so this leaves curv_avg at 0.
-    curv_avg.mul_(sqr_mom).add_(phi, alpha=1 - sqr_mom)
+    if secant == "softplus":
+        divisor = softplus(prev_step, smooth)
+    elif secant == "sign_clamp":
+        floor = prev_step.norm(1).div([max(n, 1) for n in prev_step.numel()])
+        divisor = sign_clamp(prev_step, floor)
+    else:
+        raise ValueError(f"secant must be 'softplus' or 'sign_clamp', got {secant!r}")
+    phi = where(divisor == 0, 0.0, p.grad.sub(prev_grad).div_(divisor))
+    # At the first step phi is 0 with `sign_clamp` (nothing moved yet) and g_1 / softplus(0) with
+    # `softplus`: curv_avg is only used from the second step on, so reset it at the first.
+    curv_avg.mul_(where(first, 0.0, sqr_mom)).add_(phi.mul_(where(first, 0.0, 1 - sqr_mom)))
     s = grad_avg.mul(layer_scale)
     if first is not True:
         curv_hat = curv_avg.div(debias(sqr_mom, 1 - sqr_mom, step - 1)).abs_()
