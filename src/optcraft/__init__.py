@@ -6,10 +6,16 @@ An optimizer is a short chain of building blocks (fastai's design), it is a real
 from .blocks import (adam_step, average_grad, average_sqr_grad, block, debias, l2_reg, lamb_step,
                      larc_layer_lr, larc_step, momentum_step, qhadam_step, radam_step,
                      rms_prop_step, sgd_step, step_stat, weight_decay)
-from . import groups, optax, schedules, transforms
+from .blocks import (centralize_grad, keep_param, last_update, lion_step, nesterov_step,
+                     record_channel_rms, restore_channel_rms)
+from . import blocks, groups, optax, predicates, schedules, transforms
 from .groups import param_groups
 from .optimizer import Optimizer
 from .optimizers.classic import QHAdam, RAdam, RMSProp, SGD, Adam, Lamb, Larc, ranger
+from .optimizers.research import (LAMB, UM, AdamAWD, AdamGC, BAdam, DuvAdam, PreLAMB, SAdam,
+                                  SRAdam, StableAdam, SUAdam, record_updates, with_blocks)
+from .plots import plot_radam_rectifier
+from .predicates import by_name, by_ndim, conv_not_cinEq256_coutLt256, conv_weight
 from .tensorlist import ParamList, TensorList
 from .transforms import (Transformed, accumulate, adaptive_clip, clip_by_global_norm,
                          skip_nonfinite)
@@ -26,4 +32,10 @@ __all__ = [
     "detuplify_pg", "set_item_pg", "pytorch_hp_map",
     "schedules", "optax", "transforms", "groups", "param_groups",
     "Transformed", "clip_by_global_norm", "adaptive_clip", "skip_nonfinite", "accumulate",
+    # the research recipes of seed 003 (docs/research.md), their blocks and predicates
+    "SAdam", "SRAdam", "LAMB", "AdamGC", "StableAdam", "AdamAWD", "UM", "PreLAMB", "DuvAdam",
+    "SUAdam", "BAdam", "with_blocks", "record_updates", "plot_radam_rectifier",
+    "centralize_grad", "record_channel_rms", "restore_channel_rms", "keep_param", "last_update",
+    "lion_step", "nesterov_step",
+    "blocks", "predicates", "conv_weight", "conv_not_cinEq256_coutLt256", "by_name", "by_ndim",
 ]

@@ -6,6 +6,7 @@ from .research import (average_deviation, badam_step, centralize_grad, debiased_
                        deviation_step, keep_param, last_update, mean_abs_param,
                        record_channel_rms, restore_channel_rms, sadam_step, scale_grad_to_param,
                        sign_grad, stable_adam_step, unit_momentum_step)
+from .sign import adam_root_step, lars_step, lion_step, nesterov_step
 from .stats import average_grad, average_sqr_grad, step_stat
 from .steps import adam_step, debias, momentum_step, qhadam_step, radam_step, rms_prop_step, sgd_step
 
@@ -18,4 +19,5 @@ __all__ = [
     "record_channel_rms", "sadam_step", "stable_adam_step", "restore_channel_rms",
     "unit_momentum_step", "debiased_momentum_step", "deviation_step", "badam_step",
     "keep_param", "last_update",
+    "lion_step", "nesterov_step", "adam_root_step", "lars_step",
 ]

@@ -154,14 +154,18 @@ def SUAdam(params, lr, mom=0.9, sqr_mom=0.99, wd=0.0, impl="auto", master_weight
 
 
 @torch_names
-def BAdam(params, lr, mom=0.9, sqr_mom=0.99, smooth=50.0, wd=0.0, impl="auto",
+def BAdam(params, lr, mom=0.9, sqr_mom=0.99, smooth=50.0, wd=0.0, secant="softplus", impl="auto",
           master_weights=True):
-    """BAdam, binomial Adam (the notebook's code): a diagonal secant curvature replaces Adam's
-    second moment.  With `s_{t-1}` the last step and `e_t = mean(|p_t|)` (1 for an all-zero
-    tensor): `phi_t = (g_t - g_{t-1}) / sign_clamp(s_{t-1}, mean|s_{t-1}|)`,
-    `c_t = sqr_mom c_{t-1} + (1 - sqr_mom) phi_t`, `c_hat = c_t / (1 - sqr_mom**(t-1))`,
+    """BAdam, binomial Adam (the notebook's): a diagonal secant curvature replaces Adam's second
+    moment.  With `s_{t-1}` the last step and `e_t = mean(|p_t|)` (1 for an all-zero tensor):
+    `phi_t = (g_t - g_{t-1}) / softplus(s_{t-1}, smooth)` (the algorithm cell; `secant="sign_clamp"`
+    divides by `sign_clamp(s_{t-1}, mean|s_{t-1}|)` as the notebook's code did, which diverges on
+    noisy gradients), `c_t = sqr_mom c_{t-1} + (1 - sqr_mom) phi_t`,
+    `c_hat = c_t / (1 - sqr_mom**(t-1))`,
     `s_t = lr * e_t * m_hat / softplus(|c_hat|, smooth)` (`s_1 = lr * e_1 * m_hat`), `p <- p - s_t`."""
-    cbs = [mean_abs_param, ema_grad, step_stat, weight_decay, badam_step]
+    if secant not in ("softplus", "sign_clamp"):
+        raise ValueError(f"secant must be 'softplus' or 'sign_clamp', got {secant!r}")
+    cbs = [mean_abs_param, ema_grad, step_stat, weight_decay, partial(badam_step, secant=secant)]
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, smooth=smooth, wd=wd,
                      impl=impl, master_weights=master_weights)
 
