@@ -1,8 +1,9 @@
 """The ``compiled`` path: the whole chain of a bucket as one `torch.compile` graph.
 
-The blocks are traced as they are (their `TensorList` arithmetic is `torch._foreach_*` calls, which
-inductor fuses into a few loops over each tensor), so a chain of five blocks reads and writes each
-tensor about once instead of once per block.
+The blocks are traced as they are.  Under tracing, `TensorList` arithmetic is written tensor by
+tensor rather than as `torch._foreach_*` calls (see `optcraft.tensorlist._foreach`): inductor fuses
+a tensor's operations into one loop, so a chain of five blocks reads and writes each tensor about
+once instead of once per block.
 
 What keeps it from recompiling:
 

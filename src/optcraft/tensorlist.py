@@ -16,6 +16,7 @@ Per-tensor reductions (`norm`, `rms`, `sum`) return the third kind, which broadc
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -37,6 +38,8 @@ class TensorList:
     __slots__ = ("tensors",)
 
     def __init__(self, tensors: Iterable[torch.Tensor]):
+        # The methods below pass lists, not generator expressions: dynamo (the compiled path)
+        # cannot resume after a graph break once it has traced a generator (torch 2.13).
         self.tensors = list(tensors)
 
     # ---- container protocol -------------------------------------------------------------
@@ -87,28 +90,28 @@ class TensorList:
     def pow(self, exponent) -> "TensorList":
         if _is_number(exponent) and exponent == 2:
             return self.mul(self)
-        return TensorList(torch._foreach_pow(self.tensors, _unwrap(exponent)))
+        return TensorList(_foreach("pow", self.tensors, _unwrap(exponent)))
 
     def sqrt(self) -> "TensorList":
-        return TensorList(torch._foreach_sqrt(self.tensors))
+        return TensorList(_foreach("sqrt", self.tensors))
 
     def abs(self) -> "TensorList":
-        return TensorList(torch._foreach_abs(self.tensors))
+        return TensorList(_foreach("abs", self.tensors))
 
     def neg(self) -> "TensorList":
-        return TensorList(torch._foreach_neg(self.tensors))
+        return TensorList(_foreach("neg", self.tensors))
 
     def sign(self) -> "TensorList":
-        return TensorList(torch._foreach_sign(self.tensors))
+        return TensorList(_foreach("sign", self.tensors))
 
     def exp(self) -> "TensorList":
-        return TensorList(torch._foreach_exp(self.tensors))
+        return TensorList(_foreach("exp", self.tensors))
 
     def log(self) -> "TensorList":
-        return TensorList(torch._foreach_log(self.tensors))
+        return TensorList(_foreach("log", self.tensors))
 
     def reciprocal(self) -> "TensorList":
-        return TensorList(torch._foreach_reciprocal(self.tensors))
+        return TensorList(_foreach("reciprocal", self.tensors))
 
     def maximum(self, other) -> "TensorList":
         return TensorList(_foreach_binary("maximum", self.tensors, other))
@@ -156,15 +159,15 @@ class TensorList:
         return self
 
     def sqrt_(self) -> "TensorList":
-        torch._foreach_sqrt_(self.tensors)
+        _foreach("sqrt_", self.tensors)
         return self
 
     def abs_(self) -> "TensorList":
-        torch._foreach_abs_(self.tensors)
+        _foreach("abs_", self.tensors)
         return self
 
     def neg_(self) -> "TensorList":
-        torch._foreach_neg_(self.tensors)
+        _foreach("neg_", self.tensors)
         return self
 
     def maximum_(self, other) -> "TensorList":
@@ -184,7 +187,7 @@ class TensorList:
         t1, t2 = _as_list(t1, len(self)), _as_list(t2, len(self))
         if _needs_scaling(value):
             t1, value = _unwrap(TensorList(t1).mul(value)), 1
-        torch._foreach_addcmul_(self.tensors, t1, t2, value=value)
+        _foreach("addcmul_", self.tensors, t1, t2, value=value)
         return self
 
     def addcdiv_(self, t1, t2, value=1) -> "TensorList":
@@ -192,7 +195,7 @@ class TensorList:
         t1, t2 = _as_list(t1, len(self)), _as_list(t2, len(self))
         if _needs_scaling(value):
             t1, value = _unwrap(TensorList(t1).mul(value)), 1
-        torch._foreach_addcdiv_(self.tensors, t1, t2, value=value)
+        _foreach("addcdiv_", self.tensors, t1, t2, value=value)
         return self
 
     def lerp_(self, end, weight) -> "TensorList":
@@ -204,13 +207,13 @@ class TensorList:
             # torch.compile's decomposition of the 0-d-tensor overload goes wrong on 0-d tensors
             # (torch 2.13): the per-tensor list overload gives the right numbers.
             weight = [weight] * len(self)
-        torch._foreach_lerp_(self.tensors, end, weight)
+        _foreach("lerp_", self.tensors, end, weight)
         return self
 
     def copy_(self, src) -> "TensorList":
         src = _as_list(src, len(self))
         try:
-            torch._foreach_copy_(self.tensors, src)
+            _foreach("copy_", self.tensors, src)
         except NotImplementedError:
             # DTensor (FSDP2's sharded parameters) has no sharding rule for foreach copy.
             for t, s in zip(self.tensors, src):
@@ -218,7 +221,7 @@ class TensorList:
         return self
 
     def zero_(self) -> "TensorList":
-        torch._foreach_zero_(self.tensors)
+        _foreach("zero_", self.tensors)
         return self
 
     # ---- per-tensor reductions: a TensorList of 0-d tensors ---------------------------------
@@ -231,7 +234,7 @@ class TensorList:
             norms = _sharded_norms(self.tensors, ord)
             if norms is not None:
                 return TensorList(norms)
-        return TensorList(torch._foreach_norm(self.tensors, ord))
+        return TensorList(_foreach("norm", self.tensors, ord))
 
     def numel(self) -> list[int]:
         return [t.numel() for t in self.tensors]
@@ -347,12 +350,32 @@ def _per_tensor(x, n):
 _SCALAR_FORMS = {"maximum": "clamp_min", "minimum": "clamp_max"}
 
 
+def _foreach(name: str, tensors: list, *args, **kwargs):
+    """`torch._foreach_<name>(tensors, *args, **kwargs)`; under `torch.compile`, the same operation
+    tensor by tensor (`t.<name>(...)`, list arguments taken element by element).
+
+    Why: inductor (torch 2.13, CPU) turns each foreach call into its own pass over memory, while
+    per-tensor operations fuse into one loop per tensor: on GPT-2 small a compiled Adam step is
+    about 4x faster written per tensor.  Eagerly, one foreach call beats a Python loop."""
+    if not torch.compiler.is_compiling():
+        return getattr(torch, f"_foreach_{name}")(tensors, *args, **kwargs)
+    if name == "norm":
+        return [torch.linalg.vector_norm(t, *args, **kwargs) for t in tensors]
+    if name.endswith("_"):
+        # Writes into a 0-d float64 input are lost in the compiled graph (torch 2.13 takes such
+        # inputs as Python numbers); a one-element view of it is written back.
+        tensors = [t.view(1) if t.dim() == 0 else t for t in tensors]
+    columns = [a if isinstance(a, (list, tuple)) else [a] * len(tensors) for a in args]
+    results = [getattr(t, name)(*[c[i] for c in columns], **kwargs) for i, t in enumerate(tensors)]
+    return None if name.endswith("_") else results
+
+
 def _foreach_binary(op: str, tensors: list, other, alpha=1, inplace=False):
     if isinstance(other, TensorList):
         other = other.tensors
     if op in _SCALAR_FORMS and not isinstance(other, list):
         op = _SCALAR_FORMS[op]
-    fn = getattr(torch, f"_foreach_{op}_" if inplace else f"_foreach_{op}")
+    fn = partial(_foreach, f"{op}_" if inplace else op)
     if op in ("add", "sub") and alpha != 1:
         if isinstance(other, list):
             return fn(tensors, other, alpha=alpha)

@@ -32,6 +32,7 @@ def _channel_dims(t: torch.Tensor) -> tuple:
 
 
 def _channel_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of each output channel, shaped `(out, 1, ..., 1)`."""
     return t.mean(dim=_channel_dims(t), keepdim=True)
 
 
@@ -39,6 +40,13 @@ def _channel_rms(t: torch.Tensor) -> torch.Tensor:
     """RMS of each output channel, shaped `(out, 1, ..., 1)`."""
     norm = torch.linalg.vector_norm(t, dim=_channel_dims(t), keepdim=True)
     return norm.div_(math.sqrt(max(math.prod(t.shape[1:]), 1)))
+
+
+def _end_graph() -> None:
+    """Under torch.compile, end the graph here; nothing in eager mode.  Blocks call it between a
+    per-channel reduction and the elementwise code that uses it: torch 2.13's CPU code generation
+    fails (KeyError 'buf..' in its outer-loop fusion) on one graph holding both."""
+    torch._dynamo.graph_break()
 
 
 def _one_per_channel(t: torch.Tensor) -> torch.Tensor:
@@ -75,7 +83,9 @@ def centralize_grad(p, predicate=conv_weight, **kwargs):
         return
     grads = list(p.grad.tensors)
     picked = TensorList([grads[i] for i in chosen])
-    for i, g in zip(chosen, picked.sub(picked.map(_channel_mean))):
+    means = picked.map(_channel_mean)
+    _end_graph()
+    for i, g in zip(chosen, picked.sub(means)):
         grads[i] = g
     p.grad = TensorList(grads)
 
@@ -199,10 +209,7 @@ def stable_adam_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, init_rms
     chosen, init = _recorded(p, init_rms)
     if chosen is not None:
         ratios = _ratio(chosen.map(_channel_rms), init)
-        # A no-op in eager mode.  Under torch.compile the graph ends here, after the per-channel
-        # reduction of `p`: torch 2.13's CPU code generation fails (KeyError 'buf..' in its outer
-        # loop fusion) on one graph that reduces `p` per channel and then writes `p`.
-        torch._dynamo.graph_break()
+        _end_graph()
     s = grad_avg.div(_adam_denominator(sqr_avg, debias(sqr_mom, 1 - sqr_mom, step), eps))
     if chosen is not None:
         ratios = iter(ratios)
@@ -217,7 +224,9 @@ def restore_channel_rms(p, init_rms=None, **kwargs):
     `p^k <- p^k * rms(p^k_0) / rms(p^k)` (unchanged where either is 0)."""
     chosen, init = _recorded(p, init_rms)
     if chosen is not None:
-        chosen.mul_(_ratio(init, chosen.map(_channel_rms)))
+        ratios = _ratio(init, chosen.map(_channel_rms))
+        _end_graph()
+        chosen.mul_(ratios)
 
 
 @block(static=("norm",))
