@@ -45,16 +45,25 @@ def lamb_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, eps_root=0.0, w
         raise ValueError(f"lamb_step: norm must be 'rms' or 'l2', got {norm!r}")
     debias1 = debias(mom, 1 - mom, step)
     debias2 = debias(sqr_mom, 1 - sqr_mom, step)
-    denom = sqr_avg.div(debias2)
-    if isinstance(eps_root, torch.Tensor) or eps_root != 0:
-        denom.add_(eps_root)
-    update = grad_avg.div(denom.sqrt_().add_(eps)).div_(debias1)
-    if wd_in_ratio and do_wd and _may_be_nonzero(wd):
-        update.add_(p, alpha=wd)
+
+    def direction():
+        denom = sqr_avg.div(debias2)
+        if isinstance(eps_root, torch.Tensor) or eps_root != 0:
+            denom.add_(eps_root)
+        update = grad_avg.div(denom.sqrt_().add_(eps)).div_(debias1)
+        if wd_in_ratio and do_wd and _may_be_nonzero(wd):
+            update.add_(p, alpha=wd)
+        return update
+
+    update = direction()
     size = (lambda t: t.rms()) if norm == "rms" else (lambda t: t.norm())
     r1, r2 = size(p), size(update)
     ratio = r1.div(r2)
     if max_ratio is not None:
         ratio = ratio.clamp_max_(max_ratio)
     q = where((r1 == 0) | (r2 == 0), 1.0, ratio)
+    if torch.compiler.is_compiling():
+        # The step needs the whole update's norm first.  Compiled, the update is computed again
+        # in the loop that writes `p` rather than kept: no parameter-sized temporaries.
+        update = direction()
     p.add_(update.mul_(q), alpha=-lr)
