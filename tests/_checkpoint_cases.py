@@ -28,6 +28,12 @@ CASES = {
     "Lookahead(Adam)": lambda m: oc.Lookahead(oc.Adam(m.parameters(), lr=1e-2), k=3),
     "OptimWrapper(torch AdamW)": lambda m: oc.OptimWrapper(torch.optim.AdamW(m.parameters(),
                                                                              lr=1e-2)),
+    # the research recipes; the per-channel ones on the linear weights (the model has no conv)
+    **{name: (lambda m, name=name: getattr(oc, name)(m.parameters(), lr=1e-2)) for name in
+       ("SAdam", "SRAdam", "LAMB", "UM", "PreLAMB", "DuvAdam", "SUAdam", "BAdam")},
+    **{name: (lambda m, name=name: getattr(oc, name)(m.parameters(), lr=1e-2,
+                                                     predicate=oc.by_ndim(2)))
+       for name in ("AdamGC", "StableAdam", "AdamAWD")},
     # schedules: progress (schedule_step) in the state dict, the schedules rebuilt with the code
     "Adam(lr, mom, wd schedules)": lambda m: oc.Adam(
         m.parameters(), lr=schedules.warmup_cosine(1e-2, 4, 20), mom=schedules.one_cycle_mom(20),

@@ -251,6 +251,12 @@ LONG_RUN = {
     "Larc": lambda ps: oc.Larc(ps, lr=0.1),
     "Lamb": lambda ps: oc.Lamb(ps, lr=1e-3, wd=0.01),
     "ranger": lambda ps: oc.ranger(ps, lr=1e-3),
+    # the research recipes (docs/research.md), with weight decay where they take it
+    **{name: (lambda ps, name=name: getattr(oc, name)(ps, lr=1e-3)) for name in
+       ("SAdam", "SRAdam", "AdamGC", "StableAdam", "AdamAWD", "UM", "DuvAdam", "SUAdam",
+        "BAdam")},
+    "LAMB": lambda ps: oc.LAMB(ps, lr=1e-3, wd=0.01),
+    "PreLAMB": lambda ps: oc.PreLAMB(ps, lr=1e-3, wd=0.01),
 }
 
 
