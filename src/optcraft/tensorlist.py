@@ -3,7 +3,8 @@
 A building block is written once, against `TensorList`, and runs the same way on one parameter
 (a list of one) and on every parameter of a bucket at once.  Each method maps onto one
 `torch._foreach_*` call where torch has one, so `grad_avg.mul_(mom).add_(g, alpha=1-mom)` is two
-kernel launches for the whole bucket, not two per parameter.
+kernel launches for the whole bucket, not two per parameter (under `torch.compile`, large tensors
+are written one by one instead: see `_foreach`).
 
 Scalars that a block multiplies by come in three kinds, and every method accepts all of them:
 

@@ -263,6 +263,12 @@ def sign_clamp(x: TensorList, floor) -> TensorList:
     return where(x < 0, raised.neg(), raised)
 
 
+def check_secant(secant: str) -> None:
+    """`badam_step`'s `secant` is "softplus" (the algorithm cell) or "sign_clamp" (the code)."""
+    if secant not in ("softplus", "sign_clamp"):
+        raise ValueError(f"secant must be 'softplus' or 'sign_clamp', got {secant!r}")
+
+
 @block(defaults=dict(smooth=50.0), state=("curv_avg", "prev_grad", "prev_step"),
        static=("smooth", "secant"))
 def badam_step(p, lr, mom, step, sqr_mom, grad_avg, layer_scale, smooth, curv_avg=None,
@@ -280,14 +286,13 @@ def badam_step(p, lr, mom, step, sqr_mom, grad_avg, layer_scale, smooth, curv_av
     until the curvature overflows (docs/research.md)."""
     if curv_avg is None:
         curv_avg, prev_grad, prev_step = [p.grad.zeros_like() for _ in range(3)]
+    check_secant(secant)
     first = step == 1
     if secant == "softplus":
         divisor = softplus(prev_step, smooth)
-    elif secant == "sign_clamp":
+    else:
         floor = prev_step.norm(1).div([max(n, 1) for n in prev_step.numel()])
         divisor = sign_clamp(prev_step, floor)
-    else:
-        raise ValueError(f"secant must be 'softplus' or 'sign_clamp', got {secant!r}")
     phi = where(divisor == 0, 0.0, p.grad.sub(prev_grad).div_(divisor))
     # At the first step phi is 0 with `sign_clamp` (nothing moved yet) and g_1 / softplus(0) with
     # `softplus`: curv_avg is only used from the second step on, so reset it at the first.

@@ -17,7 +17,7 @@ import torch
 
 from ..blocks import (adam_step, average_grad, average_sqr_grad, lamb_step, step_stat,
                       weight_decay)
-from ..blocks.research import (average_deviation, badam_step, centralize_grad,
+from ..blocks.research import (average_deviation, badam_step, centralize_grad, check_secant,
                                debiased_momentum_step, deviation_step, keep_param, last_update,
                                mean_abs_param, record_channel_rms, restore_channel_rms,
                                sadam_step, scale_grad_to_param, sign_grad, stable_adam_step,
@@ -163,8 +163,7 @@ def BAdam(params, lr, mom=0.9, sqr_mom=0.99, smooth=50.0, wd=0.0, secant="softpl
     noisy gradients), `c_t = sqr_mom c_{t-1} + (1 - sqr_mom) phi_t`,
     `c_hat = c_t / (1 - sqr_mom**(t-1))`,
     `s_t = lr * e_t * m_hat / softplus(|c_hat|, smooth)` (`s_1 = lr * e_1 * m_hat`), `p <- p - s_t`."""
-    if secant not in ("softplus", "sign_clamp"):
-        raise ValueError(f"secant must be 'softplus' or 'sign_clamp', got {secant!r}")
+    check_secant(secant)  # now, not at the first step
     cbs = [mean_abs_param, ema_grad, step_stat, weight_decay, partial(badam_step, secant=secant)]
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, smooth=smooth, wd=wd,
                      impl=impl, master_weights=master_weights)
