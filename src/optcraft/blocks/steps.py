@@ -94,7 +94,9 @@ def qhadam_step(p, lr, mom, sqr_mom, sqr_avg, nu_1, nu_2, step, grad_avg, eps, *
     debias1 = debias(mom, 1 - mom, step)
     debias2 = debias(sqr_mom, 1 - sqr_mom, step)
     g = p.grad
-    numer = grad_avg.mul(nu_1 / debias1).add_(g, alpha=1 - nu_1)
     denom = sqr_avg.mul(nu_2 / debias2).addcmul_(g, g, value=1 - nu_2).sqrt_().add_(eps)
-    p.addcdiv_(numer, denom, value=-lr)
+    # The numerator's two terms are added to p one after the other, so the step makes one
+    # parameter-sized temporary (the denominator), not two.
+    p.addcdiv_(grad_avg, denom, value=-lr * nu_1 / debias1)
+    p.addcdiv_(g, denom, value=-lr * (1 - nu_1))
     return p
