@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import optcraft as oc
-from optcraft import engine, schedules, tensorlist
+from optcraft import compiled, engine, schedules, tensorlist
 
 OPTIMIZERS = {
     "SGD": lambda ps, impl: oc.SGD(ps, lr=0.05, wd=0.1, impl=impl),
@@ -78,8 +78,8 @@ def test_eager_paths_give_the_reference_numbers(name, impl):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_compiled_path_gives_the_reference_numbers(name, monkeypatch):
-    # Parameters of 10 elements or more are traced tensor by tensor, smaller ones as foreach
-    # calls (the split that big models get at 65536): both forms in one graph.
+    # Parameters of 10 elements or more are compiled, smaller ones run on the foreach path (the
+    # split that big models get at 65536 elements).
     monkeypatch.setattr(tensorlist, "PER_TENSOR_MIN_NUMEL", 10)
     assert_same_run(train(name, "compiled"), train(name, "reference"))
 
@@ -158,9 +158,10 @@ def test_foreach_buckets_stay_below_the_largest_parameter():
 
 
 @pytest.mark.slow
-def test_compiled_never_recompiles_while_schedules_change_lr_and_mom():
+def test_compiled_never_recompiles_while_schedules_change_lr_and_mom(monkeypatch):
     """Hyperparameters enter the graph as tensors: 200 steps with lr and mom changing every step
     compile once per kind of bucket and never again."""
+    monkeypatch.setattr(tensorlist, "PER_TENSOR_MIN_NUMEL", 1)  # compile every tensor
     params = make_params()
     opt = oc.Lamb([params[:3], params[3:]], lr=schedules.cosine(1e-2, 1e-4, 200),
                   mom=schedules.linear(0.95, 0.85, 200), impl="compiled")
@@ -179,3 +180,30 @@ def test_compiled_never_recompiles_while_schedules_change_lr_and_mom():
             lrs.add(opt.param_groups[0]["lr"])
     assert len(lrs) == 197
     assert opt.param_groups[0]["mom"] == pytest.approx(0.85, abs=1e-3)
+    assert opt._kernel("compiled").functions  # something was compiled
+
+
+def test_compiled_pieces_group_large_tensors_by_shape():
+    """The compiled path compiles tensors of PER_TENSOR_MIN_NUMEL elements or more, by shape, at
+    most CHUNK_TENSORS to a graph (repeated layers share one compiled function); smaller tensors
+    form one piece that runs on the foreach path."""
+    big = tensorlist.PER_TENSOR_MIN_NUMEL
+    shapes = [(big,), (3,), (2, big), (big,), (5,), (big,), (big,), (big,), (2, big)]
+    params = [torch.zeros(s, requires_grad=True) for s in shapes]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    (bucket,) = engine.make_buckets({"params": params}, {})
+    pieces = compiled.split_bucket(bucket)
+    assert compiled.CHUNK_TENSORS == 4
+    index = {id(p): i for i, p in enumerate(params)}
+    assert [[index[id(p)] for p in piece.params] for piece in pieces] == \
+        [[1, 4], [0, 3, 5, 6], [7], [2, 8]]
+    for piece in pieces:
+        assert [id(g) for g in piece.grads] == [id(p.grad) for p in piece.params]
+
+
+def test_compiled_leaves_small_tensors_to_foreach(monkeypatch):
+    """A bucket of small tensors never reaches torch.compile."""
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("compiled a small bucket"))
+    params, opt = train("Lamb", "compiled", steps=4)
+    assert not opt._kernel("compiled").functions

@@ -262,7 +262,7 @@ def cases_and_impls():
 @pytest.mark.parametrize("name,impl", list(cases_and_impls()))
 def test_research_optimizers_match_the_notebooks_formulas(name, impl, monkeypatch):
     _, step, hypers = CASES[name]
-    # compiled: the conv weights and the wide one traced tensor by tensor, the rest as foreach
+    # compiled: the conv weights and the wide one compiled, the rest on the foreach path
     monkeypatch.setattr(oc.tensorlist, "PER_TENSOR_MIN_NUMEL", 100)
     if impl == "fused":
         with pytest.raises(ValueError, match="no fused kernel"):

@@ -16,6 +16,15 @@ What keeps it from recompiling:
 * the first time a kind of bucket is seen it runs eagerly (foreach), which creates the state; it is
   compiled from its second step on, with the state it will keep.
 
+What gets compiled, and in what pieces (`split_bucket`): a bucket's tensors of at least
+`tensorlist.PER_TENSOR_MIN_NUMEL` elements, grouped by shape, at most `CHUNK_TENSORS` to a graph.
+A model repeats its layers, so most pieces are alike and share one compiled function: GPT-2
+small's 50 large tensors need 6 graphs, not one graph of 50 tensors (which took inductor over a
+minute to schedule).  A piece is also small enough that LAMB's second pass over it finds much of
+the first pass's data still in cache.  Smaller tensors (biases, norms) stay on the foreach path:
+one kernel per operation over all of them is cheaper than inductor's loop per tensor, and costs
+no compiling.
+
 Compiled code is cached across processes by inductor's on-disk cache (`TORCHINDUCTOR_CACHE_DIR`,
 by default under the system's temporary folder): a warm start skips code generation.
 """
@@ -26,10 +35,34 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from . import tensorlist
 from .blocks.base import unwrap_partial
 from .tensorlist import ParamList, TensorList
 
 _NUMBER = (int, float)
+
+#: The most tensors of one shape that one compiled graph holds (see the module docstring).
+CHUNK_TENSORS = 4
+
+
+def split_bucket(bucket) -> list:
+    """The compiled path's pieces of a bucket: its small tensors together (run eagerly, see
+    `CompiledChain`), then its large ones grouped by shape in chunks of `CHUNK_TENSORS`."""
+    small, by_shape = [], {}
+    for p, g in zip(bucket.params, bucket.grads):
+        if _is_small(p):
+            small.append((p, g))
+        else:
+            by_shape.setdefault(tuple(p.shape), []).append((p, g))
+    pieces = [small] if small else []
+    for same in by_shape.values():
+        pieces += [same[i:i + CHUNK_TENSORS] for i in range(0, len(same), CHUNK_TENSORS)]
+    return [type(bucket)([p for p, _ in piece], [g for _, g in piece], bucket.tensor_keys,
+                         bucket.scalars) for piece in pieces]
+
+
+def _is_small(t: torch.Tensor) -> bool:
+    return t.numel() < tensorlist.PER_TENSOR_MIN_NUMEL
 
 
 def static_names(cbs: Sequence[Callable]) -> frozenset[str]:
@@ -56,6 +89,8 @@ class CompiledChain:
         self._scalars: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, bucket, state, hyper: dict, params, eager: Callable) -> dict:
+        if all(_is_small(t) for t in params.tensors):
+            return eager()  # small tensors: the foreach path (see `split_bucket`)
         values = bucket.gather(state)
         constants = {k: v for k, v in {**values, **hyper}.items()
                      if not isinstance(v, list) and not _is_tensor_list(v)

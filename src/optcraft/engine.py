@@ -282,7 +282,12 @@ def step_groups(cbs: Sequence[Callable], groups: Iterable[dict], state, impl: st
         max_numel = None
         if impl == "foreach":
             max_numel = max([MIN_CHUNK_NUMEL] + [p.numel() for p in group["params"]])
-        plan.append((make_buckets(group, state, max_params, max_numel), hyper))
+        buckets = make_buckets(group, state, max_params, max_numel)
+        if impl == "compiled":
+            from .compiled import split_bucket
+
+            buckets = [piece for bucket in buckets for piece in split_bucket(bucket)]
+        plan.append((buckets, hyper))
     for buckets, hyper in plan:
         for bucket in buckets:
             run_bucket(cbs, bucket, state, hyper, master_weights, kernel)
