@@ -65,6 +65,9 @@ def test_smoke_run_prints_a_row_per_candidate():
                         if "torch AdamW fused" in line]
     assert yardstick_ratios == ["1.00", "1.00"]
     assert "copy bandwidth" in out.stderr
+    # each block's floor uses the bandwidth of a copy timed in its own loop (the last column)
+    assert lines[0].endswith("| peak extra MiB | copy GB/s |")
+    assert all(float(line.split("|")[-2]) > 0 for line in lines[2:])
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -9,7 +9,8 @@ gradients:
 * optcraft's optimizer in each requested impl;
 * torch.optim's implementation of the same algorithm (for-loop, foreach, fused where torch has
   them);
-* torch's fused AdamW, the yardstick every ratio is taken against.
+* torch's fused AdamW, the yardstick every ratio is taken against;
+* the copy whose median gives that block's bandwidth (printed as its last column).
 
 It prints, per candidate, the median step time over `--steps` steps after `--warmup` steps, its
 ratio to torch's fused AdamW, its ratio to its own memory floor, the slowest of its first three
@@ -180,6 +181,26 @@ class Candidate:
         self.times.append(time.perf_counter() - start)
 
 
+class CopyProbe:
+    """A copy timed in the same interleaved loop as the candidates, so that each block of rows has
+    the bandwidth of its own minutes (on a shared machine it drifts, by 2x here between runs)."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self.src = torch.ones(nbytes // 4)
+        self.dst = torch.empty_like(self.src)
+        self.times: list = []
+
+    def step(self, measure_memory: bool = False) -> None:
+        start = time.perf_counter()
+        self.dst.copy_(self.src)
+        self.times.append(time.perf_counter() - start)
+
+    def bandwidth(self, warmup: int) -> float:
+        """Bytes per second moved (each byte read once and written once), from the median."""
+        return 2 * self.nbytes / statistics.median(self.times[warmup:])
+
+
 def floor_seconds(optimizer: torch.optim.Optimizer, bandwidth: float) -> float:
     """The bytes a step must move over the bandwidth: each parameter read and written, its
     gradient read, and each parameter-sized state tensor read and written."""
@@ -214,7 +235,9 @@ def make_candidates(name: str, algorithm: Algorithm, params: list, impls: list[s
 
 
 def run_set(set_name: str, scale: int, names: list[str], impls: list[str], steps: int,
-            warmup: int, with_torch: bool, bandwidth: float, progress=print) -> list[dict]:
+            warmup: int, with_torch: bool, copy_bytes: int, progress=print) -> list[dict]:
+    """Each optimizer's candidates, torch's fused AdamW (the yardstick) and a copy (the floor's
+    bandwidth) stepped in turn, `warmup + steps` rounds; one row per candidate."""
     shapes = PARAM_SETS[set_name](scale)
     generator = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=generator).mul_(0.02).requires_grad_() for s in shapes]
@@ -227,18 +250,22 @@ def run_set(set_name: str, scale: int, names: list[str], impls: list[str], steps
         candidates = make_candidates(name, algorithms[name], params, impls, with_torch)
         progress(f"{set_name} ({len(params)} tensors, {numel / 1e6:.1f}M parameters): {name}, "
                  f"{len(candidates)} candidates")
+        probe = CopyProbe(copy_bytes)
         for i in range(warmup + steps):
+            probe.step()
             for c in candidates:
                 c.step(measure_memory=(i == warmup))
         yardstick = statistics.median(candidates[0].times[warmup:])
+        bandwidth = probe.bandwidth(warmup)
         for c in candidates:
             median = statistics.median(c.times[warmup:])
             floor = floor_seconds(c.optimizer, bandwidth)
             rows.append(dict(params=set_name, candidate=c.label, median_ms=1e3 * median,
                              vs_fused_adamw=median / yardstick, vs_floor=median / floor,
                              first_steps_s=max(c.times[:3]),
-                             peak_extra_mib=None if c.peak is None else c.peak / MiB))
-        del candidates
+                             peak_extra_mib=None if c.peak is None else c.peak / MiB,
+                             bandwidth_gbs=bandwidth / 1e9))
+        del candidates, probe
     return rows
 
 
@@ -247,7 +274,8 @@ def run_set(set_name: str, scale: int, names: list[str], impls: list[str], steps
 COLUMNS = [("params", "params", "{}"), ("candidate", "candidate", "{}"),
            ("median_ms", "median ms", "{:.2f}"), ("vs_fused_adamw", "x torch fused AdamW", "{:.2f}"),
            ("vs_floor", "x own floor", "{:.2f}"), ("first_steps_s", "first steps s", "{:.2f}"),
-           ("peak_extra_mib", "peak extra MiB", "{:.0f}")]
+           ("peak_extra_mib", "peak extra MiB", "{:.0f}"),
+           ("bandwidth_gbs", "copy GB/s", "{:.1f}")]
 
 
 def _cell(row, key, fmt):
@@ -313,12 +341,14 @@ def _choices(parser, flag: str, text: str, known) -> list[str]:
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     scale = 16 if args.size == "smoke" else 1
-    bandwidth = copy_bandwidth(32 * MiB if args.size == "smoke" else 512 * MiB)
-    print(f"machine: {machine()}; copy bandwidth {bandwidth / 1e9:.1f} GB/s", file=sys.stderr)
+    copy_bytes = 32 * MiB if args.size == "smoke" else 512 * MiB
+    bandwidth = copy_bandwidth(copy_bytes)
+    print(f"machine: {machine()}; copy bandwidth {bandwidth / 1e9:.1f} GB/s at start",
+          file=sys.stderr)
     rows = []
     for set_name in args.params:
         rows += run_set(set_name, scale, args.optimizers, args.impls, args.steps, args.warmup,
-                        not args.no_torch, bandwidth,
+                        not args.no_torch, copy_bytes,
                         progress=lambda text: print(text, file=sys.stderr, flush=True))
     print(table(rows, markdown=args.markdown))
     return 0
