@@ -418,8 +418,8 @@ def _blocked_norm(t: torch.Tensor, ord=2) -> torch.Tensor:
 
     Why: inductor's C++ code sums a long reduction with a cascade helper whose running sum goes
     through memory every iteration, and that chain, not memory, then bounds the loop; a row of a
-    few thousand elements is summed in registers.  On GPT-2 small this makes the norm pass of
-    LAMB's step about 1.5x faster."""
+    few thousand elements is summed in registers.  Measured here: a norm pass over four tensors of
+    38M elements 1.6x faster, the norm pass of LAMB's step on GPT-2 small about 15% faster."""
     row = _row_length(t.numel()) if t.is_contiguous() else None
     if row is None or not isinstance(ord, (int, float)) or ord <= 0:
         return torch.linalg.vector_norm(t, ord)
@@ -434,8 +434,9 @@ def _realized(arg):
     Why: inductor's C++ code otherwise recomputes a scalar expression (Adam's `1 - mom**step`, a
     layer's trust ratio from its norms) inside every iteration of the elementwise loop, and the
     compiler cannot lift it out when the loop also stores through pointers that might alias its
-    inputs; on LAMB that scalar work made the compiled step compute-bound.  `as_strided` is one of
-    the operations whose input inductor always materialises; here it is an identity view."""
+    inputs.  Realising them took LAMB's compiled step on GPT-2 small from about 150 to 108 ms.
+    `as_strided` is one of the operations whose input inductor always materialises; here it is
+    an identity view."""
     if isinstance(arg, torch.Tensor):
         return torch.as_strided(arg, (), ()) if arg.dim() == 0 else arg
     if isinstance(arg, list) and any(isinstance(a, torch.Tensor) and a.dim() == 0 for a in arg):

@@ -47,8 +47,8 @@ def lamb_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, eps_root=0.0, w
     debias2 = debias(sqr_mom, 1 - sqr_mom, step)
     # The same update with the bias corrections taken out of the elementwise work,
     # `u = c * grad_avg / (sqrt(sqr_avg + eps_root * debias2) + eps * sqrt(debias2))` with the
-    # scalar `c = sqrt(debias2) / debias1`: one division per element instead of three.  The step
-    # needs it twice (for |u|, then to move p), and dividing is what bounds its speed.
+    # scalar `c = sqrt(debias2) / debias1`: one division per element instead of three, and the
+    # step computes u twice (for |u|, then to move p).
     root2 = sqrt(debias2)
     shift = eps_root * debias2 if isinstance(eps_root, torch.Tensor) or eps_root != 0 else None
     scale = root2 / debias1
