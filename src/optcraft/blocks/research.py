@@ -114,7 +114,9 @@ def average_deviation(p, sqr_mom, grad_avg=None, dev_avg=None, square=True, **kw
         dev_avg = p.grad.zeros_like()
     if grad_avg is None:
         grad_avg = p.grad.zeros_like()
-    deviation = where(grad_avg == 0, 0.0, p.grad.div(grad_avg).sub_(1))
+    deviation = p.grad.div(grad_avg).sub_(1)
+    for d, m in zip(deviation, grad_avg):  # in place, tensor by tensor: one temporary
+        d.masked_fill_(m == 0, 0.0)
     dev_avg.mul_(sqr_mom)
     if square:
         dev_avg.addcmul_(deviation, deviation, value=1 - sqr_mom)
@@ -198,7 +200,8 @@ def sadam_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, smooth, rectify=Fal
     if rectify:
         v_hat.mul_(r)
     # Under torch.compile `step` is a tensor, and so is `tractable`: select, do not branch.
-    p.addcdiv_(grad_avg, where(tractable, softplus(v_hat.sqrt_(), smooth), 1.0), value=-lr_hat)
+    denom = softplus(v_hat.sqrt_(), smooth, inplace=True)
+    p.addcdiv_(grad_avg, where(tractable, denom, 1.0), value=-lr_hat)
 
 
 @block(defaults=dict(eps=1e-8))
@@ -210,10 +213,14 @@ def stable_adam_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, init_rms
     if chosen is not None:
         ratios = _ratio(chosen.map(_channel_rms), init)
         _end_graph()
-    s = grad_avg.div(_adam_denominator(sqr_avg, debias(sqr_mom, 1 - sqr_mom, step), eps))
+    # One temporary: the denominator, turned into the step in place.
+    s = _adam_denominator(sqr_avg, debias(sqr_mom, 1 - sqr_mom, step), eps)
+    s.reciprocal_().mul_(grad_avg)
     if chosen is not None:
         ratios = iter(ratios)
-        s = TensorList([t if r is None else t * next(ratios) for t, r in zip(s.tensors, init_rms)])
+        for t, r in zip(s.tensors, init_rms):
+            if r is not None:
+                t.mul_(next(ratios))
     p.add_(s, alpha=-lr / debias(mom, 1 - mom, step))
 
 
@@ -252,8 +259,9 @@ def deviation_step(p, lr, mom, step, sqr_mom, grad_avg, dev_avg, layer_scale=Non
     `d_hat = dev_avg / (1 - sqr_mom**step)` (see `average_deviation`)."""
     d_hat = dev_avg.div(debias(sqr_mom, 1 - sqr_mom, step))
     denom = (d_hat.sqrt_() if root else d_hat).add_(1)
-    numer = grad_avg if layer_scale is None else grad_avg.mul(layer_scale)
-    p.addcdiv_(numer, denom, value=-lr / debias(mom, 1 - mom, step))
+    if layer_scale is not None:
+        denom.div_(layer_scale)  # `layer_scale * m / denom`, with no second temporary
+    p.addcdiv_(grad_avg, denom, value=-lr / debias(mom, 1 - mom, step))
 
 
 def sign_clamp(x: TensorList, floor) -> TensorList:
@@ -293,14 +301,20 @@ def badam_step(p, lr, mom, step, sqr_mom, grad_avg, layer_scale, smooth, curv_av
     else:
         floor = prev_step.norm(1).div([max(n, 1) for n in prev_step.numel()])
         divisor = sign_clamp(prev_step, floor)
-    phi = where(divisor == 0, 0.0, p.grad.sub(prev_grad).div_(divisor))
+    phi = p.grad.sub(prev_grad).div_(divisor)
+    for f, d in zip(phi, divisor):  # phi = 0 where the divisor is, in place
+        f.masked_fill_(d == 0, 0.0)
+    del divisor
     # At the first step phi is 0 with `sign_clamp` (nothing moved yet) and g_1 / softplus(0) with
     # `softplus`: curv_avg is only used from the second step on, so reset it at the first.
     curv_avg.mul_(where(first, 0.0, sqr_mom)).add_(phi.mul_(where(first, 0.0, 1 - sqr_mom)))
-    s = grad_avg.mul(layer_scale)
+    del phi
+    # s_t is written over s_{t-1}, which nothing needs any more: no new parameter-sized tensor.
+    s = prev_step.copy_(grad_avg).mul_(layer_scale)
     if first is not True:
         curv_hat = curv_avg.div(debias(sqr_mom, 1 - sqr_mom, step - 1)).abs_()
-        s = where(first, s, s.div(softplus(curv_hat, smooth)))
+        denom = softplus(curv_hat, smooth, inplace=True)
+        s = s.div_(denom) if first is False else where(first, s, s.div(denom))
     s.mul_(lr / debias(mom, 1 - mom, step))
     p.sub_(s)
     prev_grad.copy_(p.grad)

@@ -52,8 +52,14 @@ def adam_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, **kwargs):
     return p
 
 
-def softplus(x: TensorList, beta) -> TensorList:
-    """`log(1 + exp(beta * x)) / beta` per element (torch's softplus, linear above beta*x > 20)."""
+def softplus(x: TensorList, beta, inplace: bool = False) -> TensorList:
+    """`log(1 + exp(beta * x)) / beta` per element (torch's softplus, linear above beta*x > 20).
+    `inplace=True` writes it over `x` (a temporary of the caller's) where that saves memory, in
+    eager mode; compiled, inductor fuses it into its loop either way."""
+    if inplace and not torch.compiler.is_compiling():
+        for t in x:
+            torch.ops.aten.softplus.out(t, float(beta), 20.0, out=t)
+        return x
     return x.map(lambda t: torch.nn.functional.softplus(t, beta=float(beta)))
 
 
