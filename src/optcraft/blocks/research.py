@@ -60,6 +60,13 @@ def _ratio(num, den):
     return where((num == 0) | (den == 0), 1.0, num.div(den))
 
 
+def _zero_where_zero(x: TensorList, of: TensorList) -> TensorList:
+    """`x <- 0` where `of == 0`, in place: `where(of == 0, 0, x)` without a second temporary."""
+    for t, o in zip(x, of):
+        t.masked_fill_(o == 0, 0.0)
+    return x
+
+
 def _size(x: TensorList, norm: str) -> TensorList:
     if norm == "rms":
         return x.rms()
@@ -114,9 +121,7 @@ def average_deviation(p, sqr_mom, grad_avg=None, dev_avg=None, square=True, **kw
         dev_avg = p.grad.zeros_like()
     if grad_avg is None:
         grad_avg = p.grad.zeros_like()
-    deviation = p.grad.div(grad_avg).sub_(1)
-    for d, m in zip(deviation, grad_avg):  # in place, tensor by tensor: one temporary
-        d.masked_fill_(m == 0, 0.0)
+    deviation = _zero_where_zero(p.grad.div(grad_avg).sub_(1), grad_avg)
     dev_avg.mul_(sqr_mom)
     if square:
         dev_avg.addcmul_(deviation, deviation, value=1 - sqr_mom)
@@ -301,9 +306,7 @@ def badam_step(p, lr, mom, step, sqr_mom, grad_avg, layer_scale, smooth, curv_av
     else:
         floor = prev_step.norm(1).div([max(n, 1) for n in prev_step.numel()])
         divisor = sign_clamp(prev_step, floor)
-    phi = p.grad.sub(prev_grad).div_(divisor)
-    for f, d in zip(phi, divisor):  # phi = 0 where the divisor is, in place
-        f.masked_fill_(d == 0, 0.0)
+    phi = _zero_where_zero(p.grad.sub(prev_grad).div_(divisor), divisor)
     del divisor
     # At the first step phi is 0 with `sign_clamp` (nothing moved yet) and g_1 / softplus(0) with
     # `softplus`: curv_avg is only used from the second step on, so reset it at the first.
@@ -313,8 +316,8 @@ def badam_step(p, lr, mom, step, sqr_mom, grad_avg, layer_scale, smooth, curv_av
     s = prev_step.copy_(grad_avg).mul_(layer_scale)
     if first is not True:
         curv_hat = curv_avg.div(debias(sqr_mom, 1 - sqr_mom, step - 1)).abs_()
-        denom = softplus(curv_hat, smooth, inplace=True)
-        s = s.div_(denom) if first is False else where(first, s, s.div(denom))
+        # Compiled, `first` is a tensor: divide by 1 at the first step rather than branch.
+        s.div_(where(first, 1.0, softplus(curv_hat, smooth, inplace=True)))
     s.mul_(lr / debias(mom, 1 - mom, step))
     p.sub_(s)
     prev_grad.copy_(p.grad)
