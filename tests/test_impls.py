@@ -171,7 +171,7 @@ def test_compiled_never_recompiles_while_schedules_change_lr_and_mom(monkeypatch
         for p in params:
             p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
         opt.step()
-    for _ in range(3):  # first sight of each bucket runs eagerly, the next compiles
+    for _ in range(3):  # steps 1 and 2 meet new kinds of bucket (no state, then state): eager
         step()
     lrs = set()
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -200,6 +200,23 @@ def test_compiled_pieces_group_large_tensors_by_shape():
         [[1, 4], [0, 3, 5, 6], [7], [2, 8]]
     for piece in pieces:
         assert [id(g) for g in piece.grads] == [id(p.grad) for p in piece.params]
+
+
+@pytest.mark.slow
+def test_compiled_compiles_nothing_until_the_state_exists(monkeypatch):
+    """The first step that meets a kind of piece runs every such piece eagerly (it creates the
+    state; a graph traced then would be used once): with two pieces of one shape, nothing is
+    compiled at steps 1 and 2 (new state keys), and one function at step 3, for both."""
+    monkeypatch.setattr(tensorlist, "PER_TENSOR_MIN_NUMEL", 1)
+    monkeypatch.setattr(compiled, "CHUNK_TENSORS", 1)
+    params = [torch.randn(4, 3, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    opt = oc.Lamb(params, lr=0.01, impl="compiled")
+    chain = opt._kernel("compiled")
+    for step in (1, 2, 3):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        assert len(chain.functions) == (0 if step < 3 else 1), step
 
 
 def test_compiled_leaves_small_tensors_to_foreach(monkeypatch):

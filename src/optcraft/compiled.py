@@ -13,16 +13,16 @@ What keeps it from recompiling:
   RAdam's `beta`), booleans and strings are constants of the graph;
 * each kind of bucket (its device, dtype, tensor shapes, state keys and constants) gets its own
   compiled function, so several groups or dtypes do not share dynamo's per-function cache;
-* the first time a kind of bucket is seen it runs eagerly (foreach), which creates the state; it is
-  compiled from its second step on, with the state it will keep.
+* the first step that meets a kind of bucket runs it eagerly (foreach), which creates the state;
+  it is compiled from the next step on, with the state it will keep.
 
 What gets compiled, and in what pieces (`split_bucket`): a bucket's tensors of at least
 `tensorlist.PER_TENSOR_MIN_NUMEL` elements, grouped by shape, at most `CHUNK_TENSORS` to a graph.
 A model repeats its layers, so most pieces are alike and share one compiled function: GPT-2
-small's 50 large tensors need 6 graphs, compiled in about 5 s, where one graph of them all took
-over a minute (inductor's scheduling grows faster than the graph).  Smaller tensors (biases,
-norms) stay on the foreach path: one kernel per operation over all of them is cheaper than
-inductor's loop per tensor, and costs no compiling.
+small's 50 large tensors need 6 graphs (Lamb's compile in about 25 s cold, 5 s from a warm
+cache), where one graph of them all took over a minute (inductor's scheduling grows faster than
+the graph).  Smaller tensors (biases, norms) stay on the foreach path: one kernel per operation
+over all of them is cheaper than inductor's loop per tensor, and costs no compiling.
 
 Compiled code is cached across processes by inductor's on-disk cache (`TORCHINDUCTOR_CACHE_DIR`,
 by default under the system's temporary folder): a warm start skips code generation.
@@ -84,8 +84,13 @@ class CompiledChain:
         self.cbs = list(cbs)
         self.static = static_names(cbs)
         self.functions: dict[tuple, Callable] = {}
-        self.seen: set[tuple] = set()
+        self.first_seen: dict[tuple, int] = {}  # kind of piece -> the step that first met it
+        self.steps = 0
         self._scalars: dict[tuple, torch.Tensor] = {}
+
+    def begin_step(self) -> None:
+        """Called by the engine before each optimizer step's pieces."""
+        self.steps += 1
 
     def __call__(self, bucket, state, hyper: dict, params, eager: Callable) -> dict:
         if all(_is_small(t) for t in params.tensors):
@@ -98,8 +103,10 @@ class CompiledChain:
                tuple(tuple(t.shape) for t in params.tensors),
                tuple(sorted(bucket.tensor_keys)), tuple(sorted((k, repr(v))
                                                                for k, v in constants.items())))
-        if key not in self.seen:
-            self.seen.add(key)
+        # The step that first meets a kind of piece runs all such pieces eagerly, however many:
+        # at the first step that creates the state, and a graph traced then (for the second
+        # piece of a shape) would hold the state's creation, used once and compiled for nothing.
+        if self.first_seen.setdefault(key, self.steps) == self.steps:
             return eager()
         fn = self.functions.get(key)
         if fn is None:

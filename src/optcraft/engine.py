@@ -278,7 +278,7 @@ def step_groups(cbs: Sequence[Callable], groups: Iterable[dict], state, impl: st
     for group in groups:
         hyper = _plain_scalars(hypers_of(group))
         # Only the eager foreach path makes temporaries the size of its bucket (fused kernels and
-        # inductor's loops make none, and a compiled bucket should stay one graph).
+        # inductor's loops make none; the compiled path splits buckets its own way).
         max_numel = None
         if impl == "foreach":
             max_numel = max([MIN_CHUNK_NUMEL] + [p.numel() for p in group["params"]])
@@ -288,6 +288,8 @@ def step_groups(cbs: Sequence[Callable], groups: Iterable[dict], state, impl: st
 
             buckets = [piece for bucket in buckets for piece in split_bucket(bucket)]
         plan.append((buckets, hyper))
+    if impl == "compiled":
+        kernel.begin_step()
     for buckets, hyper in plan:
         for bucket in buckets:
             run_bucket(cbs, bucket, state, hyper, master_weights, kernel)
