@@ -200,6 +200,13 @@ def test_compiled_pieces_group_large_tensors_by_shape():
         [[1, 4], [0, 3, 5, 6], [7], [2, 8]]
     for piece in pieces:
         assert [id(g) for g in piece.grads] == [id(p.grad) for p in piece.params]
+    # small tensors in chunks no bigger than the foreach path's
+    many = [torch.zeros(big - 1, requires_grad=True) for _ in range(40)]
+    for p in many:
+        p.grad = torch.ones_like(p)
+    (bucket,) = engine.make_buckets({"params": many}, {})
+    sizes = [sum(p.numel() for p in piece.params) for piece in compiled.split_bucket(bucket)]
+    assert sum(sizes) == 40 * (big - 1) and max(sizes) <= engine.MIN_CHUNK_NUMEL < 40 * big
 
 
 @pytest.mark.slow
