@@ -14,8 +14,8 @@ gradients:
 
 It prints, per candidate, the median step time over `--steps` steps after `--warmup` steps, its
 ratio to torch's fused AdamW, its ratio to its own memory floor, the time its first three steps
-took together (compiling happens there for impl="compiled", spread over the second and third
-steps), and the peak memory one step adds (the process's resident high-water mark during a step,
+took together (compiling happens there for impl="compiled", at the second or third step), and
+the peak memory one step adds (the process's resident high-water mark during a step,
 minus its size before).
 
     python -m optcraft.bench --params gpt2-small --optimizers Adam,Lamb --impls auto,compiled
