@@ -240,8 +240,8 @@ def _run(rank: int, scenario: str, port: int, out_dir: str) -> None:
     finally:
         dist.destroy_process_group()
     # Done, and the result saved: leave without running the interpreter's exit-time destructors.
-    # Rarely (about one run in a hundred here), a gloo/store thread still joinable at that point
-    # aborts the process ("terminate called without an active exception") after its work is over.
+    # Rarely (seen once here), a gloo/store thread still joinable at that point aborts the
+    # process ("terminate called without an active exception") after its work is over.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

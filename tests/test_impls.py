@@ -186,7 +186,7 @@ def test_compiled_never_recompiles_while_schedules_change_lr_and_mom(monkeypatch
 def test_compiled_pieces_group_large_tensors_by_shape():
     """The compiled path compiles tensors of PER_TENSOR_MIN_NUMEL elements or more, by shape, at
     most CHUNK_TENSORS to a graph (repeated layers share one compiled function); smaller tensors
-    form one piece that runs on the foreach path."""
+    run on the foreach path, in pieces no bigger than that path's buckets."""
     big = tensorlist.PER_TENSOR_MIN_NUMEL
     shapes = [(big,), (3,), (2, big), (big,), (5,), (big,), (big,), (big,), (2, big)]
     params = [torch.zeros(s, requires_grad=True) for s in shapes]
@@ -231,3 +231,36 @@ def test_compiled_leaves_small_tensors_to_foreach(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("compiled a small bucket"))
     params, opt = train("Lamb", "compiled", steps=4)
     assert not opt._kernel("compiled").functions
+
+
+@pytest.mark.parametrize("shape", [(64, 96), (3, 4096), (5000,), (4099,), (96, 64, 2)])
+@pytest.mark.parametrize("ord", [2, 1, float("inf"), 0.5])
+def test_blocked_norm_is_the_norm(shape, ord):
+    """The compiled path's norm of a large tensor (norms of rows, then their norm) is the norm:
+    rows of 3072, 4096 and 2500 elements, no row length (4099 is prime), a non-contiguous view."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(shape, generator=g, dtype=torch.float64)
+    if len(shape) == 3:
+        t = t.transpose(0, 1)
+    expected = torch.linalg.vector_norm(t, ord)
+    torch.testing.assert_close(tensorlist._blocked_norm(t, ord), expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.slow
+def test_compiled_lamb_with_blocked_norms_gives_the_reference_numbers(monkeypatch):
+    """A parameter large enough for `_blocked_norm`'s rows (6,144 elements: rows of 3,072), with
+    scalars made buffers (`_realized`), compiled: the reference path's numbers over 10 steps."""
+    monkeypatch.setattr(tensorlist, "PER_TENSOR_MIN_NUMEL", 10)
+
+    def run(impl):
+        g = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=g, dtype=torch.float64).requires_grad_()
+                  for s in [(64, 96), (7,)]]
+        opt = oc.Lamb(params, lr=0.01, wd=0.1, impl=impl)
+        for _ in range(10):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            opt.step()
+        return params
+    for a, b in zip(run("compiled"), run("reference")):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-10)
