@@ -48,23 +48,19 @@ def split_bucket(bucket) -> list:
     """The compiled path's pieces of a bucket: its small tensors (run eagerly, see
     `CompiledChain`) in chunks of at most `engine.MIN_CHUNK_NUMEL` elements, as the foreach path
     has them, then its large ones grouped by shape in chunks of `CHUNK_TENSORS`."""
-    from .engine import MIN_CHUNK_NUMEL  # the engine imports this module
+    from .engine import MIN_CHUNK_NUMEL, _chunks  # the engine imports this module
 
-    pieces, small, small_numel, by_shape = [], [], 0, {}
-    for p, g in zip(bucket.params, bucket.grads):
-        if not _is_small(p):
-            by_shape.setdefault(tuple(p.shape), []).append((p, g))
-            continue
-        if small and small_numel + p.numel() > MIN_CHUNK_NUMEL:
-            pieces.append(small)
-            small, small_numel = [], 0
-        small.append((p, g))
-        small_numel += p.numel()
-    if small:
-        pieces.append(small)
+    grad_of = {id(p): g for p, g in zip(bucket.params, bucket.grads)}
+    small, by_shape = [], {}
+    for p in bucket.params:
+        if _is_small(p):
+            small.append(p)
+        else:
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+    pieces = _chunks(small, MIN_CHUNK_NUMEL)
     for same in by_shape.values():
         pieces += [same[i:i + CHUNK_TENSORS] for i in range(0, len(same), CHUNK_TENSORS)]
-    return [type(bucket)([p for p, _ in piece], [g for _, g in piece], bucket.tensor_keys,
+    return [type(bucket)(piece, [grad_of[id(p)] for p in piece], bucket.tensor_keys,
                          bucket.scalars) for piece in pieces]
 
 
