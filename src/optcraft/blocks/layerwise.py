@@ -57,9 +57,7 @@ def lamb_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, eps_root=0.0, w
     def direction():
         # One temporary: the denominator, which becomes the update in place
         # (`grad_avg * (1 / denom)`, so no second parameter-sized tensor is made eagerly).
-        update = sqr_avg.add(shift) if shift is not None else sqr_avg.sqrt()
-        if shift is not None:
-            update.sqrt_()
+        update = sqr_avg.add(shift).sqrt_() if shift is not None else sqr_avg.sqrt()
         update.add_(eps * root2).reciprocal_().mul_(grad_avg).mul_(scale)
         if with_wd:
             update.add_(p, alpha=wd)
