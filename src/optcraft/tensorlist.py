@@ -375,7 +375,7 @@ def _foreach(name: str, tensors: list, *args, **kwargs):
     foreach = getattr(torch, f"_foreach_{name}")
     if not torch.compiler.is_compiling():
         return foreach(tensors, *args, **kwargs)
-    args = tuple(_realized(a) for a in args)
+    args = tuple([_realized(a) for a in args])  # a list: see TensorList.__init__
     big = [i for i, t in enumerate(tensors) if t.numel() >= PER_TENSOR_MIN_NUMEL]
     if not big:
         return foreach(tensors, *args, **kwargs)
