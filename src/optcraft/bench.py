@@ -121,19 +121,6 @@ def _research_algorithms() -> dict[str, Algorithm]:
 
 # ---- measuring ---------------------------------------------------------------------------------
 
-def copy_bandwidth(nbytes: int = 512 * MiB, repeats: int = 5) -> float:
-    """Bytes per second that `dst.copy_(src)` moves (each byte read once and written once)."""
-    src = torch.ones(nbytes // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dst.copy_(src)
-        times.append(time.perf_counter() - start)
-    return 2 * nbytes / statistics.median(times)
-
-
 class PeakMemory:
     """The resident-set high-water mark over a block of code, minus the size before it (Linux:
     /proc/self/clear_refs resets the mark).  None where the platform has no such counter."""
@@ -200,6 +187,15 @@ class CopyProbe:
     def bandwidth(self, warmup: int) -> float:
         """Bytes per second moved (each byte read once and written once), from the median."""
         return 2 * self.nbytes / statistics.median(self.times[warmup:])
+
+
+def copy_bandwidth(nbytes: int = 512 * MiB, repeats: int = 5) -> float:
+    """Bytes per second that `dst.copy_(src)` moves (each byte read once and written once): the
+    median of `repeats` copies after one untimed."""
+    probe = CopyProbe(nbytes)
+    for _ in range(1 + repeats):
+        probe.step()
+    return probe.bandwidth(warmup=1)
 
 
 def floor_seconds(optimizer: torch.optim.Optimizer, bandwidth: float) -> float:
