@@ -15,8 +15,11 @@ gradients:
 It prints, per candidate, the median step time over `--steps` steps after `--warmup` steps, its
 ratio to torch's fused AdamW, its ratio to its own memory floor, the time its first three steps
 took together (compiling happens there for impl="compiled", at the second or third step), and
-the peak memory one step adds (the process's resident high-water mark during a step,
-minus its size before).
+the peak memory one step adds (on the CPU the process's resident high-water mark during a step
+minus its size before; on CUDA the allocator's peak minus what was allocated before).
+
+`--device cuda` runs it all on a GPU: the steps are timed between `torch.cuda.synchronize()` calls,
+so a row is the step's whole time on the device, launches included.
 
     python -m optcraft.bench --params gpt2-small --optimizers Adam,Lamb --impls auto,compiled
 """
@@ -121,11 +124,25 @@ def _research_algorithms() -> dict[str, Algorithm]:
 
 # ---- measuring ---------------------------------------------------------------------------------
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously; the CPU needs no wait)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class PeakMemory:
-    """The resident-set high-water mark over a block of code, minus the size before it (Linux:
-    /proc/self/clear_refs resets the mark).  None where the platform has no such counter."""
+    """The memory a block of code adds at its peak: on the CPU the resident-set high-water mark
+    minus the size before (Linux: /proc/self/clear_refs resets the mark; None where the platform
+    has no such counter); on CUDA the caching allocator's peak minus what was allocated before."""
+
+    def __init__(self, device: torch.device = torch.device("cpu")):
+        self.device = device
 
     def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+            return self
         self.before = _read_status("VmRSS")
         if self.before is not None:
             try:
@@ -136,6 +153,9 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.extra = torch.cuda.max_memory_allocated(self.device) - self.before
+            return
         peak = _read_status("VmHWM")
         self.extra = None if self.before is None or peak is None else max(0, peak - self.before)
 
@@ -155,17 +175,21 @@ def _read_status(field: str) -> int | None:
 class Candidate:
     label: str
     optimizer: torch.optim.Optimizer
+    device: torch.device = torch.device("cpu")
     times: list = dataclasses.field(default_factory=list)
     peak: int | None = None
 
     def step(self, measure_memory: bool = False) -> None:
+        synchronize(self.device)
         start = time.perf_counter()
         if measure_memory:
-            with PeakMemory() as peak:
+            with PeakMemory(self.device) as peak:
                 self.optimizer.step()
+                synchronize(self.device)
             self.peak = peak.extra
         else:
             self.optimizer.step()
+            synchronize(self.device)
         self.times.append(time.perf_counter() - start)
 
 
@@ -173,15 +197,18 @@ class CopyProbe:
     """A copy timed in the same interleaved loop as the candidates, so that each block of rows has
     the bandwidth of its own minutes (on a shared machine it drifts, by 2x here between runs)."""
 
-    def __init__(self, nbytes: int):
+    def __init__(self, nbytes: int, device: torch.device = torch.device("cpu")):
         self.nbytes = nbytes
-        self.src = torch.ones(nbytes // 4)
+        self.device = device
+        self.src = torch.ones(nbytes // 4, device=device)
         self.dst = torch.empty_like(self.src)
         self.times: list = []
 
     def step(self, measure_memory: bool = False) -> None:
+        synchronize(self.device)
         start = time.perf_counter()
         self.dst.copy_(self.src)
+        synchronize(self.device)
         self.times.append(time.perf_counter() - start)
 
     def bandwidth(self, warmup: int) -> float:
@@ -189,10 +216,11 @@ class CopyProbe:
         return 2 * self.nbytes / statistics.median(self.times[warmup:])
 
 
-def copy_bandwidth(nbytes: int = 512 * MiB, repeats: int = 5) -> float:
+def copy_bandwidth(nbytes: int = 512 * MiB, repeats: int = 5,
+                   device: torch.device = torch.device("cpu")) -> float:
     """Bytes per second that `dst.copy_(src)` moves (each byte read once and written once): the
     median of `repeats` copies after one untimed."""
-    probe = CopyProbe(nbytes)
+    probe = CopyProbe(nbytes, device)
     for _ in range(1 + repeats):
         probe.step()
     return probe.bandwidth(warmup=1)
@@ -212,11 +240,13 @@ def floor_seconds(optimizer: torch.optim.Optimizer, bandwidth: float) -> float:
 
 def make_candidates(name: str, algorithm: Algorithm, params: list, impls: list[str],
                     with_torch: bool) -> list[Candidate]:
+    device = params[0].device
     found = [Candidate("torch AdamW fused", torch.optim.AdamW(
-        params, lr=1e-3, betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01, fused=True))]
+        params, lr=1e-3, betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01, fused=True), device)]
     for impl in impls:
         try:
-            found.append(Candidate(f"optcraft {name} {impl}", algorithm.ours(params, impl)))
+            found.append(Candidate(f"optcraft {name} {impl}", algorithm.ours(params, impl),
+                                   device))
         except ValueError:
             continue  # e.g. impl="fused" for a chain torch has no kernel for
     if with_torch and algorithm.torch_cls is not None:
@@ -227,19 +257,22 @@ def make_candidates(name: str, algorithm: Algorithm, params: list, impls: list[s
             if (name, variant) == ("Adam", "fused"):
                 continue  # the yardstick itself
             found.append(Candidate(f"torch {algorithm.torch_cls.__name__} {variant}",
-                                   algorithm.torch_cls(params, **algorithm.torch_kwargs, **flags)))
+                                   algorithm.torch_cls(params, **algorithm.torch_kwargs, **flags),
+                                   device))
     return found
 
 
 def run_set(set_name: str, scale: int, names: list[str], impls: list[str], steps: int,
-            warmup: int, with_torch: bool, copy_bytes: int, progress=print) -> list[dict]:
+            warmup: int, with_torch: bool, copy_bytes: int, progress=print,
+            device: torch.device = torch.device("cpu")) -> list[dict]:
     """Each optimizer's candidates, torch's fused AdamW (the yardstick) and a copy (the floor's
     bandwidth) stepped in turn, `warmup + steps` rounds; one row per candidate."""
     shapes = PARAM_SETS[set_name](scale)
     generator = torch.Generator().manual_seed(0)
-    params = [torch.randn(s, generator=generator).mul_(0.02).requires_grad_() for s in shapes]
+    params = [torch.randn(s, generator=generator).mul_(0.02).to(device).requires_grad_()
+              for s in shapes]
     for p in params:
-        p.grad = torch.randn(p.shape, generator=generator).mul_(1e-3)
+        p.grad = torch.randn(p.shape, generator=generator).mul_(1e-3).to(device)
     numel = sum(p.numel() for p in params)
     rows = []
     algorithms = {**ALGORITHMS, **_research_algorithms()}
@@ -247,7 +280,7 @@ def run_set(set_name: str, scale: int, names: list[str], impls: list[str], steps
         candidates = make_candidates(name, algorithms[name], params, impls, with_torch)
         progress(f"{set_name} ({len(params)} tensors, {numel / 1e6:.1f}M parameters): {name}, "
                  f"{len(candidates)} candidates")
-        probe = CopyProbe(copy_bytes)
+        probe = CopyProbe(copy_bytes, device)
         for i in range(warmup + steps):
             probe.step()
             for c in candidates:
@@ -290,8 +323,9 @@ def table(rows: list[dict], markdown: bool = False) -> str:
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in body])
 
 
-def machine() -> str:
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+def machine(device: torch.device = torch.device("cpu")) -> str:
+    gpu = f"{torch.cuda.get_device_name(device)}, " if device.type == "cuda" else ""
+    return (f"{gpu}{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads, Python "
             f"{platform.python_version()}")
 
@@ -308,6 +342,8 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--size", choices=["full", "smoke"], default="full",
                         help="smoke: every width divided by 16 (a quick check, e.g. in CI)")
+    parser.add_argument("--device", default="cpu",
+                        help="where the parameters live: cpu (default), cuda, cuda:1, ...")
     parser.add_argument("--no-torch", action="store_true", help="skip torch.optim's variants")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = parser.parse_args(argv)
@@ -318,6 +354,14 @@ def parse_args(argv):
                           ("reference", "foreach", "fused", "compiled", "auto"))
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device: {args.device!r} is not a device (cpu, cuda, cuda:1, ...)")
+    if args.device.type not in ("cpu", "cuda"):
+        parser.error(f"--device: {args.device} is not supported; cpu or cuda")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device: {args.device} asked for, but this torch sees no CUDA device")
     return args
 
 
@@ -339,14 +383,15 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     scale = 16 if args.size == "smoke" else 1
     copy_bytes = 32 * MiB if args.size == "smoke" else 512 * MiB
-    bandwidth = copy_bandwidth(copy_bytes)
-    print(f"machine: {machine()}; copy bandwidth {bandwidth / 1e9:.1f} GB/s at start",
+    bandwidth = copy_bandwidth(copy_bytes, device=args.device)
+    print(f"machine: {machine(args.device)}; copy bandwidth {bandwidth / 1e9:.1f} GB/s at start",
           file=sys.stderr)
     rows = []
     for set_name in args.params:
         rows += run_set(set_name, scale, args.optimizers, args.impls, args.steps, args.warmup,
                         not args.no_torch, copy_bytes,
-                        progress=lambda text: print(text, file=sys.stderr, flush=True))
+                        progress=lambda text: print(text, file=sys.stderr, flush=True),
+                        device=args.device)
     print(table(rows, markdown=args.markdown))
     return 0
 
