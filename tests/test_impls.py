@@ -226,6 +226,29 @@ def test_compiled_compiles_nothing_until_the_state_exists(monkeypatch):
         assert len(chain.functions) == (0 if step < 3 else 1), step
 
 
+@pytest.mark.slow
+def test_compiled_step_reads_nothing_back_from_its_graphs(monkeypatch):
+    """The step count is a host block's: the compiled path counts it in Python and hands it to the
+    graph, so a step reads no number back from the device (on a GPU, `.item()` would wait for the
+    piece's kernels), and the count is the same Python int the eager paths keep."""
+    monkeypatch.setattr(tensorlist, "PER_TENSOR_MIN_NUMEL", 1)
+
+    def run(impl, patch_last=False):
+        params, opt = train("Adam", impl, steps=4)
+        for i in range(5):  # all gradients: new kinds of piece, compiled from the next step
+            for p in params:
+                p.grad = torch.ones_like(p)
+            with monkeypatch.context() as patch:
+                if patch_last and i == 4:
+                    assert opt._kernel("compiled").functions
+                    patch.setattr(compiled, "_read_back", lambda *a, **k: pytest.fail("read"))
+                opt.step()
+        return params, opt
+    params, opt = run("compiled", patch_last=True)
+    assert_same_run((params, opt), run("reference"))
+    assert all(type(opt.state[p]["step"]) is int for p in params)
+
+
 def test_compiled_leaves_small_tensors_to_foreach(monkeypatch):
     """A bucket of small tensors never reaches torch.compile."""
     monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("compiled a small bucket"))

@@ -11,6 +11,10 @@ What keeps it from recompiling:
   graph as a 0-d tensor, so a new value (a schedule, a torch scheduler, `set_hyper`) is new data,
   not a new graph; hyperparameters a block declares `static` (used in Python control flow, such as
   RAdam's `beta`), booleans and strings are constants of the graph;
+* blocks declared `host` (the step count) run in Python before the graph, on numbers, and the
+  graph is handed their results as 0-d tensors at their place in the chain: the new step count
+  is known without reading it back from the device (a `.item()` per piece would make the CPU
+  wait for each piece's kernels on a GPU);
 * each kind of bucket (its device, dtype, tensor shapes, state keys and constants) gets its own
   compiled function, so several groups or dtypes do not share dynamo's per-function cache;
 * the first step that meets a kind of bucket runs it eagerly (foreach), which creates the state;
@@ -29,13 +33,14 @@ by default under the system's temporary folder): a warm start skips code generat
 """
 from __future__ import annotations
 
+import functools
 import types
 from typing import Any, Callable, Sequence
 
 import torch
 
 from . import tensorlist
-from .blocks.base import unwrap_partial
+from .blocks.base import block, unwrap_partial, vectorised
 from .tensorlist import ParamList, TensorList
 
 _NUMBER = (int, float)
@@ -65,7 +70,9 @@ def split_bucket(bucket) -> list:
 
 
 def _is_small(t: torch.Tensor) -> bool:
-    return t.numel() < tensorlist.PER_TENSOR_MIN_NUMEL
+    # A 0-d parameter always runs eagerly: besides being small, torch 2.13's inductor on the CPU
+    # drops an in-place update of a 0-d float64 graph input (`p.add_(g)` leaves `p` as it was).
+    return t.numel() < tensorlist.PER_TENSOR_MIN_NUMEL or t.dim() == 0
 
 
 def static_names(cbs: Sequence[Callable]) -> frozenset[str]:
@@ -90,7 +97,9 @@ class CompiledChain:
         self.functions: dict[tuple, Callable] = {}
         self.first_seen: dict[tuple, int] = {}  # kind of piece -> the step that first met it
         self.steps = 0
-        self._scalars: dict[tuple, torch.Tensor] = {}
+        self._scalars: dict[tuple, tuple] = {}  # slot -> (0-d tensor, the value it holds)
+        self.host = [i for i, cb in enumerate(self.cbs)
+                     if getattr(unwrap_partial(cb)[0], "host", False)]
 
     def begin_step(self) -> None:
         """Called by the engine before each optimizer step's pieces."""
@@ -125,25 +134,53 @@ class CompiledChain:
         hyper_values = {k: v for k, v in hyper.items() if k not in numbers}
         inputs = {**state_values, **{k: numbers[k] for k in values if k in numbers}}
         hypers = {**hyper_values, **{k: numbers[k] for k in hyper if k in numbers}}
+        after_host, given = self._run_host_blocks(params, values, hyper)
+        given = {i: {k: self._as_tensor(f"{k}@{i}", v, dtype, device) for k, v in out.items()}
+                 for i, out in given.items()}
         result = fn(self.cbs, params.tensors, params.grad.tensors,
-                    {k: _plain(v) for k, v in inputs.items()}, hypers)
+                    {k: _plain(v) for k, v in inputs.items()}, hypers, given)
         result = {k: TensorList(v) if isinstance(v, list) else v for k, v in result.items()}
-        # Numeric state goes back to Python numbers (the step count), as the eager paths keep it.
+        # Numeric state goes back as Python numbers, as the eager paths keep it: the host blocks'
+        # own (no device read); one a device block wrote is read back.
         for k, v in result.items():
-            if k in values and _is_number(values[k]) and isinstance(v, torch.Tensor):
-                number = v.item()
-                result[k] = round(number) if isinstance(values[k], int) else number
+            if k in after_host:
+                result[k] = after_host[k]
+            elif k in values and _is_number(values[k]) and isinstance(v, torch.Tensor):
+                result[k] = _read_back(v, like=values[k])
         return result
+
+    def _run_host_blocks(self, params, values: dict, hyper: dict) -> tuple[dict, dict]:
+        """The chain's host blocks, in order, on the numeric state and hyperparameters: the
+        numeric state they leave, and each one's result by its place in the chain."""
+        current, given = dict(values), {}
+        for i in self.host:
+            out = vectorised(self.cbs[i])(params, **{**current, **hyper}) or {}
+            if not all(_is_number(v) for v in out.values()):
+                raise TypeError(f"{self.cbs[i]!r} is a host block but returned "
+                                f"{out!r}: a host block returns numbers only")
+            given[i] = out
+            current.update(out)
+        return {k: current[k] for out in given.values() for k in out}, given
 
     def _as_tensor(self, key: str, value, dtype, device) -> torch.Tensor:
         """A 0-d tensor holding `value`, reused step after step (filled in place), so the graph
-        sees the same input tensor with new data."""
+        sees the same input tensor with new data.  It is filled only when the value changed: the
+        pieces of a step share their hyperparameters, and on a GPU each fill is a kernel launch."""
         slot = (key, dtype, device)
-        t = self._scalars.get(slot)
-        if t is None:
-            t = self._scalars[slot] = torch.empty((), dtype=dtype, device=device)
-        t.fill_(value)
+        t, held = self._scalars.get(slot, (None, None))
+        if t is None or held != value:
+            if t is None:
+                t = torch.empty((), dtype=dtype, device=device)
+            t.fill_(value)
+            self._scalars[slot] = (t, value)
         return t
+
+
+def _read_back(t: torch.Tensor, like):
+    """A 0-d tensor's value as a Python number of the type of `like` (on a GPU: a wait for the
+    kernels that compute it)."""
+    number = t.item()
+    return round(number) if isinstance(like, int) else number
 
 
 def _is_tensor_list(v) -> bool:
@@ -154,14 +191,23 @@ def _plain(v):
     return v.tensors if isinstance(v, TensorList) else v
 
 
-def _bucket_step(cbs, params, grads, values, hyper) -> dict[str, Any]:
+def _bucket_step(cbs, params, grads, values, hyper, given) -> dict[str, Any]:
     """The traced function: the chain over plain lists of tensors (what dynamo passes in and out
-    most simply), as `TensorList`s inside."""
+    most simply), as `TensorList`s inside; the host blocks' results, `given` by their place in
+    the chain, stand in for those blocks."""
     from .engine import apply_chain  # the engine imports this module
 
     values = {k: TensorList(v) if isinstance(v, list) else v for k, v in values.items()}
+    cbs = [functools.partial(_given, result=given[i]) if i in given else cb
+           for i, cb in enumerate(cbs)]
     result = apply_chain(cbs, ParamList(params, grads), values, hyper)
     return {k: _plain(v) for k, v in result.items()}
+
+
+@block
+def _given(p, result, **kwargs):
+    """A host block's result, worked out in Python before the graph and passed in as tensors."""
+    return dict(result)
 
 
 def _fresh_compiled(fn: Callable) -> Callable:

@@ -9,8 +9,10 @@ callbacks do.  The decorator adds three things:
   state tensors into lists of one, and unwraps what comes back;
 * `defaults`: the hyperparameters it brings, merged by `Optimizer` in chain order;
 * metadata for the engine and the CLI: `state` (the per-parameter tensors it keeps, for memory
-  accounting) and `static` (hyperparameters used in Python control flow, so that the compiled
-  path bakes them in rather than passing them as tensors).
+  accounting), `static` (hyperparameters used in Python control flow, so that the compiled
+  path bakes them in rather than passing them as tensors) and `host` (the block touches no tensor:
+  it returns numbers computed from numeric state and hyperparameters alone, like the step count,
+  so the compiled path works them out in Python instead of reading them back from the device).
 """
 from __future__ import annotations
 
@@ -23,10 +25,10 @@ from ..tensorlist import ParamList, TensorList
 
 
 def block(fn: Callable | None = None, *, defaults: dict | None = None, state: tuple = (),
-          static: tuple = ()):
+          static: tuple = (), host: bool = False):
     """Make `fn` a building block (usable as a decorator with or without arguments)."""
     if fn is None:
-        return functools.partial(block, defaults=defaults, state=state, static=static)
+        return functools.partial(block, defaults=defaults, state=state, static=static, host=host)
 
     @functools.wraps(fn)
     def call(p, *args, **kwargs):
@@ -38,6 +40,7 @@ def block(fn: Callable | None = None, *, defaults: dict | None = None, state: tu
     call.vectorised = fn
     call.state_names = tuple(state)
     call.static = tuple(static)
+    call.host = host
     call.is_block = True
     return call
 

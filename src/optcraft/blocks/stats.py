@@ -34,7 +34,7 @@ def average_sqr_grad(p, sqr_mom, dampening=True, sqr_avg=None, **kwargs):
     return {"sqr_avg": sqr_avg}
 
 
-@block(state=("step",))
+@block(state=("step",), host=True)
 def step_stat(p, step=0, **kwargs):
-    """Count the steps taken: `step <- step + 1`."""
+    """Count the steps taken: `step <- step + 1` (a Python number, also on the compiled path)."""
     return {"step": step + 1}
