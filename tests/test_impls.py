@@ -75,6 +75,36 @@ def test_eager_paths_give_the_reference_numbers(name, impl):
     assert_same_run(train(name, impl), train(name, "reference"))
 
 
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_sliced_blocks_give_the_reference_numbers(name, monkeypatch):
+    """Elementwise blocks run on slices of 7 elements (GPT-2's tensors get slices of 2**20): the
+    slices cross tensor boundaries in a batch, the 0-d parameter rides with the others."""
+    monkeypatch.setattr(engine, "SLICE_NUMEL", 7)
+    calls = []
+    monkeypatch.setattr(engine, "_run_sliced",
+                        lambda *a, real=engine._run_sliced: (calls.append(1), real(*a))[1])
+    assert_same_run(train(name, "foreach"), train(name, "reference"))
+    if name not in ("SGD", "SGD-momentum", "SGD-momentum-l2", "Larc", "Lars", "Lamb"):
+        assert calls  # (chains of one-operation blocks and of per-tensor norms are not sliced)
+
+
+def test_a_block_misdeclared_elementwise_is_refused(monkeypatch):
+    """A block that returns new state tensors cannot run on slices: the engine says so rather
+    than keep slices as state."""
+    monkeypatch.setattr(engine, "SLICE_NUMEL", 7)
+
+    @oc.block(state=("buf",), elementwise=True)
+    def copying(p, buf=None, **kwargs):
+        return {"buf": p.grad.clone() if buf is None else buf.add(p.grad)}
+    params = make_params()
+    opt = oc.Optimizer(params, [copying, oc.sgd_step], lr=0.1, impl="foreach")
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()  # creates the state: whole tensors
+    with pytest.raises(RuntimeError, match="declared elementwise but .* new state tensors"):
+        opt.step()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_compiled_path_gives_the_reference_numbers(name, monkeypatch):

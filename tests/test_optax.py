@@ -316,15 +316,18 @@ FUSED_CHAINS = {"adamw"}
 
 
 def _impl_cases():
-    for impl in engine.IMPLS:
+    for impl in (*engine.IMPLS, "foreach-sliced"):
         marks = [pytest.mark.slow] if impl == "compiled" else []
         for name in FLAGGED:
             yield pytest.param(name, impl, marks=marks, id=f"{name}-{impl}")
 
 
 @pytest.mark.parametrize("name,impl", list(_impl_cases()))
-def test_per_parameter_flags_inside_one_group_on_every_path(name, impl):
+def test_per_parameter_flags_inside_one_group_on_every_path(name, impl, monkeypatch):
     make, reference, keys, kw = FLAGGED[name]
+    if impl == "foreach-sliced":  # elementwise blocks on slices of 5 elements
+        monkeypatch.setattr(engine, "SLICE_NUMEL", 5)
+        impl = "foreach"
     if impl == "fused" and name not in FUSED_CHAINS:
         with pytest.raises(ValueError, match="no fused kernel"):
             make(make_params(), impl)

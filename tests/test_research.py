@@ -254,7 +254,7 @@ def factory_of(name):
 
 def cases_and_impls():
     for name in sorted(CASES):
-        for impl in engine.IMPLS:
+        for impl in (*engine.IMPLS, "foreach-sliced"):
             marks = [pytest.mark.slow] if impl == "compiled" else []
             yield pytest.param(name, impl, marks=marks, id=f"{name}-{impl}")
 
@@ -264,6 +264,9 @@ def test_research_optimizers_match_the_notebooks_formulas(name, impl, monkeypatc
     _, step, hypers = CASES[name]
     # compiled: the conv weights and the wide one compiled, the rest on the foreach path
     monkeypatch.setattr(oc.tensorlist, "PER_TENSOR_MIN_NUMEL", 100)
+    if impl == "foreach-sliced":  # elementwise blocks on slices of 50 elements
+        monkeypatch.setattr(engine, "SLICE_NUMEL", 50)
+        impl = "foreach"
     if impl == "fused":
         with pytest.raises(ValueError, match="no fused kernel"):
             factory_of(name)(make_params(), impl)

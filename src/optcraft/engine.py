@@ -97,16 +97,18 @@ def _freeze(value):
 MIN_CHUNK_NUMEL = 1 << 20
 
 
-def _chunks(params: list, max_numel: int | None) -> list[list]:
+def _chunks(items: list, max_numel: int | None, size=lambda t: t.numel()) -> list[list]:
+    """`items` in consecutive chunks of at most `max_numel` elements (an item larger than that is
+    a chunk of its own)."""
     if max_numel is None:
-        return [params]
-    chunks, current, size = [], [], 0
-    for p in params:
-        if current and size + p.numel() > max_numel:
+        return [items]
+    chunks, current, total = [], [], 0
+    for item in items:
+        if current and total + size(item) > max_numel:
             chunks.append(current)
-            current, size = [], 0
-        current.append(p)
-        size += p.numel()
+            current, total = [], 0
+        current.append(item)
+        total += size(item)
     return chunks + [current] if current else chunks
 
 
@@ -157,14 +159,19 @@ def _plain_scalars(hyper: dict) -> dict:
     return out
 
 
-def apply_chain(cbs: Sequence[Callable], params: ParamList, values: dict, hyper: dict) -> dict:
+def apply_chain(cbs: Sequence[Callable], params: ParamList, values: dict, hyper: dict,
+                slice_numel: int | None = None) -> dict:
     """fastai's step for every parameter of a bucket: each callback in turn gets the parameters
-    and `{**state, **hyper}` and may return a dict of new state.  Returns the state after it."""
+    and `{**state, **hyper}` and may return a dict of new state.  Returns the state after it.
+    With `slice_numel`, elementwise blocks run on slices of CPU tensors (see `SLICE_NUMEL`)."""
     values = dict(values)
     for cb in cbs:
         fn = vectorised(cb)
         if fn is not None:
-            result = fn(params, **{**values, **hyper})
+            if slice_numel and _sliceable(cb, params, values, hyper, slice_numel):
+                result = _run_sliced(cb, fn, params, values, hyper, slice_numel)
+            else:
+                result = fn(params, **{**values, **hyper})
         else:
             result = _run_per_parameter(cb, params, values, hyper)
         if isinstance(result, dict):
@@ -172,8 +179,74 @@ def apply_chain(cbs: Sequence[Callable], params: ParamList, values: dict, hyper:
     return values
 
 
+#: The eager paths run an elementwise block (`block(elementwise=...)`) on slices of at most this
+#: many elements of CPU tensors larger than that.  A block's operations (Adam's square root,
+#: addition and division) then each pass over a slice held in the cache rather than over the
+#: whole tensor in memory, and its temporaries are the size of a slice.  Not on a GPU, where
+#: passes over memory are cheap and each slice's kernels would be launches.
+SLICE_NUMEL = 1 << 20
+
+
+def _sliceable(cb, params: ParamList, values: dict, hyper: dict, slice_numel: int) -> bool:
+    """Whether `cb` may run on slices of this bucket: an elementwise block (for these keyword
+    arguments), CPU tensors of which one is larger than a slice, all contiguous, its own state
+    already there (a block creating its state makes whole tensors), and every state tensor the
+    parameter's size or a 0-d value per tensor."""
+    fn, bound = unwrap_partial(cb)
+    flag = getattr(fn, "elementwise", False)
+    if callable(flag):
+        flag = flag(**{**values, **hyper, **bound})
+    tensors = params.tensors
+    if not flag or tensors[0].device.type != "cpu" or \
+            max(t.numel() for t in tensors) <= slice_numel:
+        return False
+    if not all(isinstance(values.get(k), TensorList) for k in fn.state_names):
+        return False
+    if not all(t.is_contiguous() and g.is_contiguous() for t, g in zip(tensors, params.grad)):
+        return False
+    for v in values.values():
+        if isinstance(v, TensorList) and not all(
+                (s.numel() == t.numel() and s.is_contiguous()) or (s.dim() == 0 and t.numel() > 1)
+                for s, t in zip(v.tensors, tensors)):
+            return False
+    return True
+
+
+def _run_sliced(cb, fn: Callable, params: ParamList, values: dict, hyper: dict,
+                slice_numel: int) -> dict | None:
+    """`fn` on batches of flat slices (views) of the bucket's tensors, each batch at most
+    `slice_numel` elements; a 0-d value per tensor goes whole with each slice of its tensor."""
+    pieces = [(i, start, min(start + slice_numel, t.numel()))
+              for i, t in enumerate(params.tensors) for start in range(0, t.numel(), slice_numel)]
+    batches = _chunks(pieces, slice_numel, size=lambda piece: piece[2] - piece[1])
+
+    def cut(tensors, batch):
+        return [tensors[i] if tensors[i].numel() != params.tensors[i].numel()
+                else tensors[i].view(-1)[a:b] for i, a, b in batch]
+    result = None
+    for batch in batches:
+        sliced = {k: TensorList(cut(v.tensors, batch)) if isinstance(v, TensorList) else v
+                  for k, v in values.items()}
+        part = ParamList(cut(params.tensors, batch), cut(params.grad.tensors, batch))
+        grads = part.grad
+        result = fn(part, **{**sliced, **hyper})
+        if part.grad is not grads or any(
+                isinstance(v, TensorList) and not (k in sliced and _same(v, sliced[k]))
+                for k, v in (result if isinstance(result, dict) else {}).items()):
+            raise RuntimeError(f"{cb!r} is declared elementwise but replaced the gradient or "
+                               f"returned new state tensors; declare it elementwise=False")
+    if not isinstance(result, dict):
+        return None
+    return {k: values[k] if isinstance(v, TensorList) else v for k, v in result.items()}
+
+
+def _same(a: TensorList, b: TensorList) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a.tensors, b.tensors))
+
+
 def run_bucket(cbs: Sequence[Callable], bucket: Bucket, state, hyper: dict,
-               master_weights: bool = True, kernel: Callable | None = None) -> None:
+               master_weights: bool = True, kernel: Callable | None = None,
+               slice_numel: int | None = None) -> None:
     """One step of a bucket: the chain (or `kernel`, a fused or compiled form of it) on the
     parameters, and the new state written back.
 
@@ -191,7 +264,7 @@ def run_bucket(cbs: Sequence[Callable], bucket: Bucket, state, hyper: dict,
     def eager() -> dict:
         values = bucket.gather(state)
         values.pop(precision.MASTER, None)
-        return apply_chain(cbs, params, values, hyper)
+        return apply_chain(cbs, params, values, hyper, slice_numel)
 
     values = eager() if kernel is None else kernel(bucket, state, hyper, params, eager)
     values.pop(precision.MASTER, None)
@@ -292,6 +365,9 @@ def step_groups(cbs: Sequence[Callable], groups: Iterable[dict], state, impl: st
         plan.append((buckets, hyper))
     if impl == "compiled":
         kernel.begin_step()
+    # The reference path stays the plain per-parameter chain, the oracle the others are tested
+    # against; the others run elementwise blocks on slices (see `SLICE_NUMEL`).
+    slice_numel = None if impl == "reference" else SLICE_NUMEL
     for buckets, hyper in plan:
         for bucket in buckets:
-            run_bucket(cbs, bucket, state, hyper, master_weights, kernel)
+            run_bucket(cbs, bucket, state, hyper, master_weights, kernel, slice_numel)

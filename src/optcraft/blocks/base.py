@@ -12,7 +12,12 @@ callbacks do.  The decorator adds three things:
   accounting), `static` (hyperparameters used in Python control flow, so that the compiled
   path bakes them in rather than passing them as tensors) and `host` (the block touches no tensor:
   it returns numbers computed from numeric state and hyperparameters alone, like the step count,
-  so the compiled path works them out in Python instead of reading them back from the device).
+  so the compiled path works them out in Python instead of reading them back from the device) and
+  `elementwise` (each element's result depends on that element alone, and the block updates its
+  state in place and leaves the gradient as it is, so the eager path may run it on slices of the
+  tensors; True, or a function of the block's keyword arguments saying whether they make it so).
+  Declared where slicing pays: blocks of several operations or with temporaries (a block of one
+  operation passes over memory once either way, and slices cost Python calls).
 """
 from __future__ import annotations
 
@@ -25,10 +30,11 @@ from ..tensorlist import ParamList, TensorList
 
 
 def block(fn: Callable | None = None, *, defaults: dict | None = None, state: tuple = (),
-          static: tuple = (), host: bool = False):
+          static: tuple = (), host: bool = False, elementwise: bool | Callable = False):
     """Make `fn` a building block (usable as a decorator with or without arguments)."""
     if fn is None:
-        return functools.partial(block, defaults=defaults, state=state, static=static, host=host)
+        return functools.partial(block, defaults=defaults, state=state, static=static, host=host,
+                                 elementwise=elementwise)
 
     @functools.wraps(fn)
     def call(p, *args, **kwargs):
@@ -41,6 +47,7 @@ def block(fn: Callable | None = None, *, defaults: dict | None = None, state: tu
     call.state_names = tuple(state)
     call.static = tuple(static)
     call.host = host
+    call.elementwise = elementwise
     call.is_block = True
     return call
 

@@ -111,7 +111,8 @@ def sign_grad(p, **kwargs):
 
 # ---- statistics ------------------------------------------------------------------------------
 
-@block(defaults=dict(sqr_mom=0.99), state=("dev_avg",), static=("square",))
+@block(defaults=dict(sqr_mom=0.99), state=("dev_avg",), static=("square",),
+       elementwise=True)
 def average_deviation(p, sqr_mom, grad_avg=None, dev_avg=None, square=True, **kwargs):
     """How far the gradient strays from its running average, averaged; it must come before the
     block that updates `grad_avg`:
@@ -188,7 +189,7 @@ def rectifier(sqr_mom, step):
     return tractable, where(tractable, r, 1.0)
 
 
-@block(defaults=dict(smooth=50.0), static=("smooth", "rectify"))
+@block(defaults=dict(smooth=50.0), static=("smooth", "rectify"), elementwise=True)
 def sadam_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, smooth, rectify=False, **kwargs):
     """SAdam's step (Tong et al., 2019, arXiv:1908.00700): Adam's with a softplus denominator,
     `p <- p - lr * m_hat / softplus(sqrt(v_hat), smooth)` (`softplus(x, b) = log(1 + exp(b x)) / b`).
@@ -256,7 +257,7 @@ def debiased_momentum_step(p, lr, mom, step, grad_avg, **kwargs):
     p.add_(grad_avg, alpha=-lr / debias(mom, 1 - mom, step))
 
 
-@block(static=("root",))
+@block(static=("root",), elementwise=True)
 def deviation_step(p, lr, mom, step, sqr_mom, grad_avg, dev_avg, layer_scale=None, root=True,
                    **kwargs):
     """DuvAdam's step `p <- p - lr * m_hat / (1 + sqrt(d_hat))`, or SUAdam's with `root=False`
@@ -283,7 +284,9 @@ def check_secant(secant: str) -> None:
 
 
 @block(defaults=dict(smooth=50.0), state=("curv_avg", "prev_grad", "prev_step"),
-       static=("smooth", "secant"))
+       static=("smooth", "secant"),
+       # sign_clamp's floor is a mean over the whole tensor: not elementwise
+       elementwise=lambda secant="softplus", **kwargs: secant == "softplus")
 def badam_step(p, lr, mom, step, sqr_mom, grad_avg, layer_scale, smooth, curv_avg=None,
                prev_grad=None, prev_step=None, secant="softplus", **kwargs):
     """BAdam's step: a secant estimate of the curvature from the last step `s_{t-1}`,

@@ -10,7 +10,7 @@ from .decay import _may_be_nonzero
 from .steps import debias
 
 
-@block(defaults=dict(mom=0.9, sqr_mom=0.99), state=("grad_avg",))
+@block(defaults=dict(mom=0.9, sqr_mom=0.99), state=("grad_avg",), elementwise=True)
 def lion_step(p, lr, mom, sqr_mom, grad_avg=None, **kwargs):
     """Lion (Chen et al., 2023, "Symbolic Discovery of Optimization Algorithms",
     arXiv:2302.06675): the sign of an interpolation between the momentum and the gradient,
@@ -29,14 +29,14 @@ def lion_step(p, lr, mom, sqr_mom, grad_avg=None, **kwargs):
     return {"grad_avg": grad_avg}
 
 
-@block
+@block(elementwise=True)
 def nesterov_step(p, lr, mom, grad_avg, **kwargs):
     """SGD with Nesterov's momentum (Sutskever et al., 2013), in torch's and optax's form: after
     `grad_avg <- mom * grad_avg + g` (`average_grad`), `p <- p - lr * (g + mom * grad_avg)`."""
     p.add_(p.grad.add(grad_avg, alpha=mom), alpha=-lr)
 
 
-@block(defaults=dict(eps=1e-8, eps_root=0.0), static=("nesterov",))
+@block(defaults=dict(eps=1e-8, eps_root=0.0), static=("nesterov",), elementwise=True)
 def adam_root_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, eps, eps_root=0.0,
                    nesterov=False, **kwargs):
     """Adam as optax's `scale_by_adam` computes it, with `eps_root` inside the square root:

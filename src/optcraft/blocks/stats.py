@@ -21,7 +21,7 @@ def average_grad(p, mom, dampening=False, grad_avg=None, **kwargs):
     return {"grad_avg": grad_avg}
 
 
-@block(defaults=dict(sqr_mom=0.99), state=("sqr_avg",))
+@block(defaults=dict(sqr_mom=0.99), state=("sqr_avg",), elementwise=True)
 def average_sqr_grad(p, sqr_mom, dampening=True, sqr_avg=None, **kwargs):
     """Running average of the squared gradient.
 

@@ -26,7 +26,7 @@ def momentum_step(p, lr, grad_avg, **kwargs):
     p.add_(grad_avg, alpha=-lr)
 
 
-@block(defaults=dict(eps=1e-8))
+@block(defaults=dict(eps=1e-8), elementwise=True)
 def rms_prop_step(p, lr, sqr_avg, eps, grad_avg=None, **kwargs):
     """RMSProp (Hinton, Lecture 6e of "Neural Networks for Machine Learning", 2012):
     `p <- p - lr * d / (sqrt(sqr_avg) + eps)` where d is `grad_avg` if kept, else g."""
@@ -38,7 +38,7 @@ def _adam_denominator(sqr_avg, debias2, eps):
     return sqr_avg.div(debias2).sqrt_().add_(eps)
 
 
-@block(defaults=dict(eps=1e-5))
+@block(defaults=dict(eps=1e-5), elementwise=True)
 def adam_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, **kwargs):
     """Adam (Kingma & Ba, 2015, arXiv:1412.6980), on damped averages:
     `p <- p - lr * (grad_avg / debias1) / (sqrt(sqr_avg / debias2) + eps)`."""
@@ -63,7 +63,7 @@ def softplus(x: TensorList, beta, inplace: bool = False) -> TensorList:
     return x.map(lambda t: torch.nn.functional.softplus(t, beta=float(beta)))
 
 
-@block(defaults=dict(eps=1e-5, beta=0.0), static=("beta",))
+@block(defaults=dict(eps=1e-5, beta=0.0), static=("beta",), elementwise=True)
 def radam_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, beta, **kwargs):
     """Rectified Adam (Liu et al., 2020, arXiv:1908.03265), with SAdam's softplus denominator
     when `beta > 0` (Tong et al., 2019, arXiv:1908.00700).
@@ -93,7 +93,7 @@ def radam_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, beta, **kwargs
     return p
 
 
-@block(defaults=dict(eps=1e-8, nu_1=0.7, nu_2=1.0))
+@block(defaults=dict(eps=1e-8, nu_1=0.7, nu_2=1.0), elementwise=True)
 def qhadam_step(p, lr, mom, sqr_mom, sqr_avg, nu_1, nu_2, step, grad_avg, eps, **kwargs):
     """Quasi-hyperbolic Adam (Ma & Yarats, 2019, arXiv:1810.06801):
     `p <- p - lr * ((1-nu_1) g + nu_1 grad_avg/debias1) / (sqrt((1-nu_2) g^2 + nu_2 sqr_avg/debias2) + eps)`."""
