@@ -14,6 +14,7 @@ import torch
 
 import optcraft as oc
 from optcraft import compiled, engine, schedules, tensorlist
+from optcraft.tensorlist import TensorList
 
 OPTIMIZERS = {
     "SGD": lambda ps, impl: oc.SGD(ps, lr=0.05, wd=0.1, impl=impl),
@@ -86,6 +87,30 @@ def test_sliced_blocks_give_the_reference_numbers(name, monkeypatch):
     assert_same_run(train(name, "foreach"), train(name, "reference"))
     if name not in ("SGD", "SGD-momentum", "SGD-momentum-l2", "Larc", "Lars", "Lamb"):
         assert calls  # (chains of one-operation blocks and of per-tensor norms are not sliced)
+
+
+def test_what_runs_on_slices():
+    """Only an elementwise block, on plain contiguous tensors with its state already there, with
+    no per-parameter values from a plain callback; and only where a tensor is larger than a
+    slice."""
+    from optcraft.blocks import average_sqr_grad, sgd_step
+
+    def bucket(*shapes, transpose=False):
+        ts = [torch.ones(s) for s in shapes]
+        if transpose:
+            ts[0] = ts[0].t()
+        return tensorlist.ParamList(ts, [torch.ones_like(t) for t in ts])
+    params = bucket((4, 5), (3,))
+    state = {"sqr_avg": TensorList([torch.zeros(4, 5), torch.zeros(3)])}
+    hyper = {"sqr_mom": 0.9}
+    assert engine._sliceable(average_sqr_grad, params, state, hyper, 7)
+    assert not engine._sliceable(average_sqr_grad, params, state, hyper, 20)  # nothing larger
+    assert not engine._sliceable(sgd_step, params, state, hyper, 7)  # one operation: not declared
+    assert not engine._sliceable(average_sqr_grad, params, {}, hyper, 7)  # state not made yet
+    assert not engine._sliceable(average_sqr_grad, bucket((5, 4), (3,), transpose=True),
+                                 state, hyper, 7)
+    assert not engine._sliceable(average_sqr_grad, params,
+                                 {**state, "tag": engine.PerParam([1, 2])}, hyper, 7)
 
 
 def test_a_block_misdeclared_elementwise_is_refused(monkeypatch):

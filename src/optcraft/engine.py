@@ -189,7 +189,7 @@ SLICE_NUMEL = 1 << 20
 
 def _sliceable(cb, params: ParamList, values: dict, hyper: dict, slice_numel: int) -> bool:
     """Whether `cb` may run on slices of this bucket: an elementwise block (for these keyword
-    arguments), CPU tensors of which one is larger than a slice, all contiguous, its own state
+    arguments), plain CPU tensors of which one is larger than a slice, all contiguous, its own state
     already there (a block creating its state makes whole tensors), and every state tensor the
     parameter's size or a 0-d value per tensor."""
     fn, bound = unwrap_partial(cb)
@@ -197,14 +197,16 @@ def _sliceable(cb, params: ParamList, values: dict, hyper: dict, slice_numel: in
     if callable(flag):
         flag = flag(**{**values, **hyper, **bound})
     tensors = params.tensors
-    if not flag or tensors[0].device.type != "cpu" or \
+    if not flag or tensors[0].device.type != "cpu" or distribution_of(tensors[0]) is not None or \
             max(t.numel() for t in tensors) <= slice_numel:
-        return False
+        return False  # (a DTensor's flat slices would be a redistribution, not a view)
     if not all(isinstance(values.get(k), TensorList) for k in fn.state_names):
         return False
     if not all(t.is_contiguous() and g.is_contiguous() for t, g in zip(tensors, params.grad)):
         return False
     for v in values.values():
+        if isinstance(v, PerParam):  # one value per parameter, from a plain callback
+            return False
         if isinstance(v, TensorList) and not all(
                 (s.numel() == t.numel() and s.is_contiguous()) or (s.dim() == 0 and t.numel() > 1)
                 for s, t in zip(v.tensors, tensors)):
