@@ -54,11 +54,10 @@ def layouts_match(params, grads, bucket, state) -> bool:
     """Whether torch's kernels may run the bucket: they pair the elements of a parameter, its
     gradient and its state by memory order, so all must be contiguous (a non-contiguous
     parameter, or a gradient assigned with other strides, runs on the foreach path instead)."""
-    tensors = [*params, *grads]
-    for p in bucket.params:
-        tensors += [t for t in state.get(p, {}).values() if isinstance(t, torch.Tensor)
-                    and t.dim() > 0]
-    return all(t.is_contiguous() for t in tensors)
+    if not all(t.is_contiguous() for t in params) or not all(g.is_contiguous() for g in grads):
+        return False
+    states = [state[p] for p in bucket.params]
+    return all(st[k].is_contiguous() for k in bucket.tensor_keys for st in states)
 
 
 def _decay(bucket, hyper) -> float:
