@@ -217,25 +217,31 @@ def test_compiled_never_recompiles_while_schedules_change_lr_and_mom(monkeypatch
     """Hyperparameters enter the graph as tensors: 200 steps with lr and mom changing every step
     compile once per kind of bucket and never again."""
     monkeypatch.setattr(tensorlist, "PER_TENSOR_MIN_NUMEL", 1)  # compile every tensor
-    params = make_params()
-    opt = oc.Lamb([params[:3], params[3:]], lr=schedules.cosine(1e-2, 1e-4, 200),
-                  mom=schedules.linear(0.95, 0.85, 200), impl="compiled")
-    g = torch.Generator().manual_seed(1)
 
-    def step():
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
-        opt.step()
-    for _ in range(3):  # steps 1 and 2 meet new kinds of bucket (no state, then state): eager
-        step()
-    lrs = set()
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for _ in range(197):
+    def run(impl):
+        params = make_params()
+        opt = oc.Lamb([params[:3], params[3:]], lr=schedules.cosine(1e-2, 1e-4, 200),
+                      mom=schedules.linear(0.95, 0.85, 200), impl=impl)
+        g = torch.Generator().manual_seed(1)
+
+        def step():
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            opt.step()
+        for _ in range(3):  # steps 1 and 2 meet new kinds of bucket (no state, then state): eager
             step()
-            lrs.add(opt.param_groups[0]["lr"])
-    assert len(lrs) == 197
-    assert opt.param_groups[0]["mom"] == pytest.approx(0.85, abs=1e-3)
+        lrs = set()
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for _ in range(197):
+                step()
+                lrs.add(opt.param_groups[0]["lr"])
+        assert len(lrs) == 197
+        assert opt.param_groups[0]["mom"] == pytest.approx(0.85, abs=1e-3)
+        return params, opt
+    params, opt = run("compiled")
     assert opt._kernel("compiled").functions  # something was compiled
+    # and every scheduled value reached the graph (the 0-d inputs are refilled when they change)
+    assert_same_run((params, opt), run("reference"))
 
 
 def test_compiled_pieces_group_large_tensors_by_shape():

@@ -360,9 +360,10 @@ def _stacked(tensors: list, others: tuple) -> list | None:
     for column in (tensors, *others):
         if isinstance(column, (TensorList, list, tuple)):
             column = list(_unwrap(column))
-            first = column[0]
-            if not all(isinstance(t, torch.Tensor) and t.dim() == 0 and t.device == first.device
-                       and t.dtype == first.dtype for t in column):
+            first = column[0] if len(column) == len(tensors) else None
+            if first is None or not all(
+                    isinstance(t, torch.Tensor) and t.dim() == 0 and t.device == first.device
+                    and t.dtype == first.dtype for t in column):
                 return None
             out.append(torch.stack(column))
         elif _is_number(column) or (isinstance(column, torch.Tensor) and column.dim() == 0):

@@ -10,7 +10,7 @@ callbacks do.  The decorator adds three things:
 * `defaults`: the hyperparameters it brings, merged by `Optimizer` in chain order;
 * metadata for the engine and the CLI: `state` (the per-parameter tensors it keeps, for memory
   accounting), `static` (hyperparameters used in Python control flow, so that the compiled
-  path bakes them in rather than passing them as tensors) and `host` (the block touches no tensor:
+  path bakes them in rather than passing them as tensors), `host` (the block touches no tensor:
   it returns numbers computed from numeric state and hyperparameters alone, like the step count,
   so the compiled path works them out in Python instead of reading them back from the device) and
   `elementwise` (each element's result depends on that element alone, and the block updates its
