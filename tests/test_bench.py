@@ -75,6 +75,10 @@ def test_smoke_run_prints_a_row_per_candidate():
     (["--params", "gpt3"], "--params: unknown 'gpt3'"),
     (["--impls", "fast"], "--impls: unknown 'fast'"),
     (["--steps", "0"], "--steps must be >= 1"),
+    (["--device", "tpu"], "--device: 'tpu' is not a device"),
+    (["--device", "meta"], "--device: meta is not supported; cpu or cuda"),
+    pytest.param(["--device", "cuda"], "this torch sees no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is there")),
 ])
 def test_bad_arguments_are_refused_by_name(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
