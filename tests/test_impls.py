@@ -21,6 +21,8 @@ OPTIMIZERS = {
     "SGD-momentum": lambda ps, impl: oc.SGD(ps, lr=0.05, mom=0.9, wd=0.1, impl=impl),
     "SGD-momentum-l2": lambda ps, impl: oc.SGD(ps, lr=0.05, mom=0.9, wd=0.1, decouple_wd=False,
                                                 impl=impl),
+    "SGD-nesterov": lambda ps, impl: oc.optax.sgd(ps, 0.05, momentum=0.9, nesterov=True,
+                                                  impl=impl),
     "RMSProp": lambda ps, impl: oc.RMSProp(ps, lr=0.01, mom=0.9, wd=0.1, impl=impl),
     "Adam": lambda ps, impl: oc.Adam(ps, lr=0.01, wd=0.1, impl=impl),
     "Adam-l2": lambda ps, impl: oc.Adam(ps, lr=0.01, wd=0.1, decouple_wd=False, impl=impl),
@@ -32,7 +34,7 @@ OPTIMIZERS = {
     "Lamb": lambda ps, impl: oc.Lamb(ps, lr=0.01, wd=0.1, impl=impl),
     "ranger": lambda ps, impl: oc.ranger(ps, lr=0.01, k=3, impl=impl),
 }
-FUSABLE = {"SGD", "SGD-momentum", "SGD-momentum-l2", "Adam", "Adam-l2"}
+FUSABLE = {"SGD", "SGD-momentum", "SGD-momentum-l2", "SGD-nesterov", "Adam", "Adam-l2"}
 
 
 def make_params():

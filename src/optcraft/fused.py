@@ -7,7 +7,8 @@ once, which is the memory floor of the step.  `recognise(cbs)` matches a chain a
 * ``[weight_decay | l2_reg, average_grad(dampening=True), average_sqr_grad, step_stat, adam_step]``
   is AdamW (decoupled decay) or Adam (L2 decay);
 * ``[weight_decay | l2_reg, sgd_step]`` and ``[weight_decay | l2_reg, average_grad, momentum_step]``
-  are SGD without and with momentum.
+  are SGD without and with momentum, ``[.., average_grad, nesterov_step]`` SGD with Nesterov's
+  momentum (torch's `nesterov=True`: `p <- p - lr * (g + mom * grad_avg)`).
 
 The state keeps optcraft's names (`grad_avg`, `sqr_avg`, `step` as an int), so a checkpoint
 written by one path loads into any other.  A chain matching none of these has no fused form;
@@ -22,6 +23,7 @@ import torch
 from .blocks.base import unwrap_partial
 from .blocks.decay import l2_reg, weight_decay
 from .blocks.stats import average_grad, average_sqr_grad, step_stat
+from .blocks.sign import nesterov_step
 from .blocks.steps import adam_step, momentum_step, sgd_step
 from .tensorlist import TensorList
 
@@ -44,9 +46,10 @@ def recognise(cbs: Sequence[Callable]) -> Callable | None:
         return lambda *args: _adam(*args, decoupled=decoupled)
     if [fn for fn, _ in rest] == [sgd_step] and not rest[0][1]:
         return lambda *args: _sgd(*args, decoupled=decoupled, momentum=False)
-    if [fn for fn, _ in rest] == [average_grad, momentum_step] and \
-            rest[0][1] in ({}, {"dampening": False}) and not rest[1][1]:
-        return lambda *args: _sgd(*args, decoupled=decoupled, momentum=True)
+    if [fn for fn, _ in rest] in ([average_grad, momentum_step], [average_grad, nesterov_step]) \
+            and rest[0][1] in ({}, {"dampening": False}) and not rest[1][1]:
+        nesterov = rest[1][0] is nesterov_step
+        return lambda *args: _sgd(*args, decoupled=decoupled, momentum=True, nesterov=nesterov)
     return None
 
 
@@ -91,7 +94,8 @@ def _adam(bucket, state, hyper, params, grads, *, decoupled: bool) -> dict:
     return {"grad_avg": TensorList(grad_avg), "sqr_avg": TensorList(sqr_avg), "step": step}
 
 
-def _sgd(bucket, state, hyper, params, grads, *, decoupled: bool, momentum: bool) -> dict:
+def _sgd(bucket, state, hyper, params, grads, *, decoupled: bool, momentum: bool,
+         nesterov: bool = False) -> dict:
     """SGD through torch's fused kernel.  torch's weight decay is L2 (added to the gradient); the
     decoupled form multiplies the parameters first, in one foreach pass."""
     wd = _decay(bucket, hyper)
@@ -103,7 +107,7 @@ def _sgd(bucket, state, hyper, params, grads, *, decoupled: bool, momentum: bool
     grad_avg = _state_like(state, bucket.params, params, "grad_avg") if momentum else []
     torch._fused_sgd_(params, grads, _real(grad_avg), weight_decay=wd,
                       momentum=hyper["mom"] if momentum else 0.0, lr=hyper["lr"], dampening=0.0,
-                      nesterov=False, maximize=False, is_first_step=False)
+                      nesterov=nesterov, maximize=False, is_first_step=False)
     return {"grad_avg": TensorList(grad_avg)} if momentum else {}
 
 
