@@ -91,6 +91,31 @@ def test_sliced_blocks_give_the_reference_numbers(name, monkeypatch):
         assert calls  # (chains of one-operation blocks and of per-tensor norms are not sliced)
 
 
+def test_sliced_blocks_on_master_weights_and_complex_parameters(monkeypatch):
+    """bfloat16 parameters step on float32 master copies and complex ones as real views: both
+    run on slices like any other, with the reference path's numbers."""
+    monkeypatch.setattr(engine, "SLICE_NUMEL", 7)
+
+    def run(impl):
+        g = torch.Generator().manual_seed(0)
+        params = [torch.randn(6, 5, generator=g).to(torch.bfloat16).requires_grad_(),
+                  torch.randn(4, 3, dtype=torch.complex64, generator=g).requires_grad_()]
+        opt = oc.Adam(params, lr=0.01, wd=0.1, impl=impl)
+        for _ in range(5):
+            for p in params:
+                p.grad = torch.randn(p.shape, dtype=p.dtype, generator=g) if p.is_complex() \
+                    else torch.randn(p.shape, generator=g).to(p.dtype)
+            opt.step()
+        return params, opt
+    calls = []
+    monkeypatch.setattr(engine, "_run_sliced",
+                        lambda *a, real=engine._run_sliced: (calls.append(1), real(*a))[1])
+    (params, opt), (ref, _) = run("foreach"), run("reference")
+    assert calls
+    for p, q in zip(params, ref):
+        torch.testing.assert_close(p, q)  # (torch's tolerances for bfloat16 and complex64)
+
+
 def test_what_runs_on_slices():
     """Only an elementwise block, on plain contiguous tensors with its state already there, with
     no per-parameter values from a plain callback; and only where a tensor is larger than a
