@@ -70,9 +70,7 @@ def split_bucket(bucket) -> list:
 
 
 def _is_small(t: torch.Tensor) -> bool:
-    # A 0-d parameter always runs eagerly: besides being small, torch 2.13's inductor on the CPU
-    # drops an in-place update of a 0-d float64 graph input (`p.add_(g)` leaves `p` as it was).
-    return t.numel() < tensorlist.PER_TENSOR_MIN_NUMEL or t.dim() == 0
+    return t.numel() < tensorlist.PER_TENSOR_MIN_NUMEL
 
 
 def static_names(cbs: Sequence[Callable]) -> frozenset[str]:

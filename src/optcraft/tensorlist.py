@@ -407,10 +407,13 @@ def _foreach(name: str, tensors: list, *args, **kwargs):
     if not torch.compiler.is_compiling():
         return foreach(tensors, *args, **kwargs)
     args = tuple([_realized(a) for a in args])  # a list: see TensorList.__init__
-    big = [i for i, t in enumerate(tensors) if t.numel() >= PER_TENSOR_MIN_NUMEL]
+    # 0-d tensors stay in the foreach call whatever the threshold: torch 2.13 takes a 0-d float64
+    # graph input as a Python number, and an in-place write to it tensor by tensor is dropped.
+    big = [i for i, t in enumerate(tensors) if t.numel() >= PER_TENSOR_MIN_NUMEL and t.dim() > 0]
     if not big:
         return foreach(tensors, *args, **kwargs)
-    small = [i for i, t in enumerate(tensors) if t.numel() < PER_TENSOR_MIN_NUMEL]
+    chosen = set(big)
+    small = [i for i in range(len(tensors)) if i not in chosen]
     is_list = [isinstance(a, (list, tuple)) for a in args]
     results: list = [None] * len(tensors)
     if small:
