@@ -46,19 +46,20 @@ class Bucket:
     # small tensors those lookups were a sizeable part of a step.  A bucket holds one dtype, so
     # whether it is complex is asked of its first parameter.
     def gather(self, state) -> dict[str, Any]:
-        real = as_real if self.params[0].is_complex() else _same_tensor
+        complex_ = self.params[0].is_complex()
         states = [state[p] for p in self.params]
-        found = {k: TensorList([real(st[k]) for st in states]) for k in self.tensor_keys}
+        found = {k: TensorList([as_real(st[k]) if complex_ else st[k] for st in states])
+                 for k in self.tensor_keys}
         found.update(self.scalars)
         return found
 
     def scatter(self, state, values: dict[str, Any]) -> None:
-        like = _like_param if self.params[0].is_complex() else _as_is
+        complex_ = self.params[0].is_complex()
         states = [state[p] for p in self.params]
         for key, value in values.items():
             if isinstance(value, TensorList):
                 for p, st, v in zip(self.params, states, value.tensors):
-                    st[key] = like(v, p)
+                    st[key] = _like_param(v, p) if complex_ else v
             elif isinstance(value, PerParam):
                 for st, v in zip(states, value):
                     st[key] = v
@@ -72,14 +73,6 @@ def as_real(t: torch.Tensor) -> torch.Tensor:
     block then treats the real and imaginary parts as two real numbers.  For the per-tensor norms
     of LARC and LAMB this changes nothing, since |z|^2 = re^2 + im^2 element by element."""
     return torch.view_as_real(t) if t.is_complex() else t
-
-
-def _same_tensor(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
-def _as_is(value, p: torch.Tensor):
-    return value
 
 
 def _like_param(value, p: torch.Tensor):
