@@ -23,15 +23,6 @@ from optcraft import bench, compiled
 DEFAULT_CASES = "Adam:auto,Adam:foreach,Adam:compiled,Lamb:foreach,Lamb:compiled,SGD:compiled"
 
 
-def gpt2_on_cuda() -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    params = [torch.randn(s, generator=g).mul_(0.02).cuda().requires_grad_()
-              for s in bench.gpt2_small()]
-    for p in params:
-        p.grad = torch.randn(p.shape, generator=g).mul_(1e-3).cuda()
-    return params
-
-
 def measure(opt, steps: int = 20) -> tuple[float, float, float]:
     """(first three steps s, median host ms, median device ms)."""
     torch.cuda.synchronize()
@@ -60,7 +51,7 @@ def main() -> None:
     parser.add_argument("--chunks", default=str(compiled.CHUNK_TENSORS))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    params = gpt2_on_cuda()
+    params = bench.make_parameters(bench.gpt2_small(), torch.device("cuda"))
     tables = []
     print(f"{'optimizer':<26} {'first 3 s':>9} {'host ms':>8} {'device ms':>10}")
     for case in args.cases.split(","):

@@ -262,17 +262,23 @@ def make_candidates(name: str, algorithm: Algorithm, params: list, impls: list[s
     return found
 
 
-def run_set(set_name: str, scale: int, names: list[str], impls: list[str], steps: int,
-            warmup: int, with_torch: bool, copy_bytes: int, progress=print,
-            device: torch.device = torch.device("cpu")) -> list[dict]:
-    """Each optimizer's candidates, torch's fused AdamW (the yardstick) and a copy (the floor's
-    bandwidth) stepped in turn, `warmup + steps` rounds; one row per candidate."""
-    shapes = PARAM_SETS[set_name](scale)
+def make_parameters(shapes: list, device: torch.device = torch.device("cpu")) -> list:
+    """Parameters of these shapes on `device`, with gradients: seeded, of a trained network's
+    scale (weights about 0.02, gradients about 1e-3)."""
     generator = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=generator).mul_(0.02).to(device).requires_grad_()
               for s in shapes]
     for p in params:
         p.grad = torch.randn(p.shape, generator=generator).mul_(1e-3).to(device)
+    return params
+
+
+def run_set(set_name: str, scale: int, names: list[str], impls: list[str], steps: int,
+            warmup: int, with_torch: bool, copy_bytes: int, progress=print,
+            device: torch.device = torch.device("cpu")) -> list[dict]:
+    """Each optimizer's candidates, torch's fused AdamW (the yardstick) and a copy (the floor's
+    bandwidth) stepped in turn, `warmup + steps` rounds; one row per candidate."""
+    params = make_parameters(PARAM_SETS[set_name](scale), device)
     numel = sum(p.numel() for p in params)
     rows = []
     algorithms = {**ALGORITHMS, **_research_algorithms()}
