@@ -116,7 +116,7 @@ def test_sliced_blocks_on_master_weights_and_complex_parameters(monkeypatch):
         torch.testing.assert_close(p, q)  # (torch's tolerances for bfloat16 and complex64)
 
 
-def test_what_runs_on_slices():
+def test_what_runs_on_slices(monkeypatch):
     """Only an elementwise block, on plain contiguous tensors with its state already there, with
     no per-parameter values from a plain callback; and only where a tensor is larger than a
     slice."""
@@ -130,14 +130,21 @@ def test_what_runs_on_slices():
     params = bucket((4, 5), (3,))
     state = {"sqr_avg": TensorList([torch.zeros(4, 5), torch.zeros(3)])}
     hyper = {"sqr_mom": 0.9}
-    assert engine._sliceable(average_sqr_grad, params, state, hyper, 7)
-    assert not engine._sliceable(average_sqr_grad, params, state, hyper, 20)  # nothing larger
-    assert not engine._sliceable(sgd_step, params, state, hyper, 7)  # one operation: not declared
-    assert not engine._sliceable(average_sqr_grad, params, {}, hyper, 7)  # state not made yet
+    assert engine._sliceable(average_sqr_grad, params, state, hyper)
+    assert not engine._sliceable(sgd_step, params, state, hyper)  # one operation: not declared
+    assert not engine._sliceable(average_sqr_grad, params, {}, hyper)  # state not made yet
     assert not engine._sliceable(average_sqr_grad, bucket((5, 4), (3,), transpose=True),
-                                 state, hyper, 7)
+                                 state, hyper)
     assert not engine._sliceable(average_sqr_grad, params,
-                                 {**state, "tag": engine.PerParam([1, 2])}, hyper, 7)
+                                 {**state, "tag": engine.PerParam([1, 2])}, hyper)
+    # nothing larger than a slice: the chain runs whole, no block is asked
+    calls = []
+    real = engine._sliceable
+    monkeypatch.setattr(engine, "_sliceable", lambda *a: calls.append(1) or real(*a))
+    engine.apply_chain([average_sqr_grad], params, state, hyper, slice_numel=20)
+    assert not calls
+    engine.apply_chain([average_sqr_grad], params, state, hyper, slice_numel=7)
+    assert calls
 
 
 def test_a_block_misdeclared_elementwise_is_refused(monkeypatch):

@@ -172,10 +172,12 @@ def apply_chain(cbs: Sequence[Callable], params: ParamList, values: dict, hyper:
     and `{**state, **hyper}` and may return a dict of new state.  Returns the state after it.
     With `slice_numel`, elementwise blocks run on slices of CPU tensors (see `SLICE_NUMEL`)."""
     values = dict(values)
+    if slice_numel and max(t.numel() for t in params.tensors) <= slice_numel:
+        slice_numel = None  # nothing to slice in this bucket: no block needs asking
     for cb in cbs:
         fn = vectorised(cb)
         if fn is not None:
-            if slice_numel and _sliceable(cb, params, values, hyper, slice_numel):
+            if slice_numel and _sliceable(cb, params, values, hyper):
                 result = _run_sliced(cb, fn, params, values, hyper, slice_numel)
             else:
                 result = fn(params, **{**values, **hyper})
@@ -194,18 +196,17 @@ def apply_chain(cbs: Sequence[Callable], params: ParamList, values: dict, hyper:
 SLICE_NUMEL = 1 << 20
 
 
-def _sliceable(cb, params: ParamList, values: dict, hyper: dict, slice_numel: int) -> bool:
-    """Whether `cb` may run on slices of this bucket: an elementwise block (for these keyword
-    arguments), plain CPU tensors of which one is larger than a slice, all contiguous, its own state
-    already there (a block creating its state makes whole tensors), and every state tensor the
-    parameter's size or a 0-d value per tensor."""
+def _sliceable(cb, params: ParamList, values: dict, hyper: dict) -> bool:
+    """Whether `cb` may run on slices of this bucket (which holds a tensor larger than a slice):
+    an elementwise block (for these keyword arguments), plain CPU tensors, all contiguous, its own
+    state already there (a block creating its state makes whole tensors), and every state tensor
+    the parameter's size or a 0-d value per tensor."""
     fn, bound = unwrap_partial(cb)
     flag = getattr(fn, "elementwise", False)
     if callable(flag):
         flag = flag(**{**values, **hyper, **bound})
     tensors = params.tensors
-    if not flag or tensors[0].device.type != "cpu" or distribution_of(tensors[0]) is not None or \
-            max(t.numel() for t in tensors) <= slice_numel:
+    if not flag or tensors[0].device.type != "cpu" or distribution_of(tensors[0]) is not None:
         return False  # (a DTensor's flat slices would be a redistribution, not a view)
     if not all(isinstance(values.get(k), TensorList) for k in fn.state_names):
         return False
