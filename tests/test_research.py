@@ -280,6 +280,33 @@ def test_research_optimizers_match_the_notebooks_formulas(name, impl, monkeypatc
         assert torch.isfinite(a).all() and not torch.equal(a, p)
 
 
+def _log1pexp_reference(y: float) -> float:
+    """log(1 + e^y) in Python's double arithmetic, rewritten above 0 so that exp cannot overflow."""
+    return y + math.log1p(math.exp(-y)) if y > 0 else math.log1p(math.exp(y))
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["eager", "compiled"])
+@pytest.mark.parametrize("nonnegative", [False, True], ids=["any-sign", "nonnegative"])
+def test_log1pexp_is_the_softplus_without_its_scale(compiled, nonnegative):
+    from optcraft.blocks.steps import log1pexp
+    from optcraft.tensorlist import TensorList
+
+    ys = [0.0, 1e-12, 1e-3, 0.5, 1.0, 5.0, 19.9, 20.1, 40.0, 300.0, 1e4]
+    if not nonnegative:
+        ys += [-1e-12, -1e-3, -0.5, -5.0, -19.9, -20.1, -40.0, -300.0]
+    # float64: the eager kernel is torch's softplus (linear above 20), the compiled one has no
+    # threshold; both must be within 1e-9 of log(1 + e^y) relative to it
+    y = torch.tensor(ys, dtype=torch.float64)
+    fn = (lambda t: log1pexp(TensorList([t.clone()]), nonnegative).tensors[0])
+    got = (torch.compile(fn, fullgraph=True) if compiled else fn)(y)
+    expected = torch.tensor([_log1pexp_reference(v) for v in ys], dtype=torch.float64)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=0)
+    # float32 keeps the relative accuracy, tiny values (e^-300 is 0 there) included
+    got32 = (torch.compile(fn, fullgraph=True) if compiled else fn)(y.float())
+    torch.testing.assert_close(got32.double(), expected.float().double(), rtol=1e-6, atol=0)
+
+
 def test_every_recipe_is_covered_and_documented():
     assert {n.split("-")[0] for n in CASES} == set(R.__all__)
     for name in R.__all__:

@@ -14,7 +14,7 @@ import torch
 from ..predicates import conv_not_cinEq256_coutLt256, conv_weight
 from ..tensorlist import TensorList, where
 from .base import block
-from .steps import _adam_denominator, debias, softplus
+from .steps import _adam_denominator, debias, log1pexp
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -202,12 +202,12 @@ def sadam_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, smooth, rectify=Fal
     if tractable is False:
         p.add_(grad_avg, alpha=-lr_hat)
         return
-    v_hat = sqr_avg.div(debias(sqr_mom, 1 - sqr_mom, step))
-    if rectify:
-        v_hat.mul_(r)
+    # m_hat / softplus(sqrt(r v_hat), b) = b m_hat / log1pexp(sqrt(b^2 r v_hat)): the scalars go
+    # into one multiplication (no division per element) and b into the step's scale.
+    y = sqr_avg.mul(smooth ** 2 * r / debias(sqr_mom, 1 - sqr_mom, step)).sqrt_()
+    denom = log1pexp(y, nonnegative=True)
     # Under torch.compile `step` is a tensor, and so is `tractable`: select, do not branch.
-    denom = softplus(v_hat.sqrt_(), smooth, inplace=True)
-    p.addcdiv_(grad_avg, where(tractable, denom, 1.0), value=-lr_hat)
+    p.addcdiv_(grad_avg, where(tractable, denom, 1.0), value=-lr_hat * where(tractable, smooth, 1.0))
 
 
 @block(defaults=dict(eps=1e-8))
@@ -304,24 +304,28 @@ def badam_step(p, lr, mom, step, sqr_mom, grad_avg, layer_scale, smooth, curv_av
         curv_avg, prev_grad, prev_step = [p.grad.zeros_like() for _ in range(3)]
     check_secant(secant)
     first = step == 1
+    # softplus(x, b) = log1pexp(b x) / b: each 1 / b joins a scalar the step multiplies by anyway.
     if secant == "softplus":
-        divisor = softplus(prev_step, smooth)
+        divisor, phi_scale = log1pexp(prev_step.mul(smooth)), smooth
     else:
         floor = prev_step.norm(1).div([max(n, 1) for n in prev_step.numel()])
-        divisor = sign_clamp(prev_step, floor)
+        divisor, phi_scale = sign_clamp(prev_step, floor), 1.0
     phi = _zero_where_zero(p.grad.sub(prev_grad).div_(divisor), divisor)
     del divisor
     # At the first step phi is 0 with `sign_clamp` (nothing moved yet) and g_1 / softplus(0) with
     # `softplus`: curv_avg is only used from the second step on, so reset it at the first.
-    curv_avg.mul_(where(first, 0.0, sqr_mom)).add_(phi.mul_(where(first, 0.0, 1 - sqr_mom)))
+    curv_avg.mul_(where(first, 0.0, sqr_mom)).add_(
+        phi.mul_(where(first, 0.0, (1 - sqr_mom) * phi_scale)))
     del phi
     # s_t is written over s_{t-1}, which nothing needs any more: no new parameter-sized tensor.
     s = prev_step.copy_(grad_avg).mul_(layer_scale)
+    scale = lr / debias(mom, 1 - mom, step)
     if first is not True:
-        curv_hat = curv_avg.div(debias(sqr_mom, 1 - sqr_mom, step - 1)).abs_()
+        y = curv_avg.mul(smooth / debias(sqr_mom, 1 - sqr_mom, step - 1)).abs_()
         # Compiled, `first` is a tensor: divide by 1 at the first step rather than branch.
-        s.div_(where(first, 1.0, softplus(curv_hat, smooth, inplace=True)))
-    s.mul_(lr / debias(mom, 1 - mom, step))
+        s.div_(where(first, 1.0, log1pexp(y, nonnegative=True)))
+        scale = scale * where(first, 1.0, smooth)
+    s.mul_(scale)
     p.sub_(s)
     prev_grad.copy_(p.grad)
     return {"curv_avg": curv_avg, "prev_grad": prev_grad, "prev_step": s}

@@ -52,15 +52,25 @@ def adam_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, **kwargs):
     return p
 
 
-def softplus(x: TensorList, beta, inplace: bool = False) -> TensorList:
-    """`log(1 + exp(beta * x)) / beta` per element (torch's softplus, linear above beta*x > 20).
-    `inplace=True` writes it over `x` (a temporary of the caller's) where that saves memory, in
-    eager mode; compiled, inductor fuses it into its loop either way."""
-    if inplace and not torch.compiler.is_compiling():
-        for t in x:
-            torch.ops.aten.softplus.out(t, float(beta), 20.0, out=t)
-        return x
-    return x.map(lambda t: torch.nn.functional.softplus(t, beta=float(beta)))
+def log1pexp(y: TensorList, nonnegative: bool = False) -> TensorList:
+    """`log(1 + exp(y))` per element, written over `y` (a temporary of the caller's) in eager mode:
+    the softplus with its scale taken out, `softplus(x, b) = log(1 + exp(b x)) / b =
+    log1pexp(b x) / b`, so that a block can fold `b` into scalars it multiplies by anyway.
+
+    Eagerly this is torch's softplus kernel (linear above y > 20, as torch's and the notebook's
+    `Softplus` are).  Compiled, inductor would write torch's softplus as `log1p(exp(y))` behind a
+    threshold; here it is `max(y, 0) + log1p(exp(-|y|))`, the same function, which cannot
+    overflow and needs no threshold, and with `nonnegative=True` (`y` a root or a magnitude)
+    `y + log(1 + exp(-y))`: `1 + exp(-y)` then lies in (1, 2], where `log` is as accurate as
+    `log1p` and cheaper.  On a CPU these two functions, not memory, bound the compiled steps of
+    SAdam and BAdam (BENCHMARKS.md)."""
+    if not torch.compiler.is_compiling():
+        for t in y:
+            torch.ops.aten.softplus.out(t, 1.0, 20.0, out=t)
+        return y
+    if nonnegative:
+        return y.map(lambda t: t + torch.log(1 + torch.exp(-t)))
+    return y.map(lambda t: t.clamp_min(0) + torch.log1p(torch.exp(-t.abs())))
 
 
 @block(defaults=dict(eps=1e-5, beta=0.0), static=("beta",), elementwise=True)
@@ -86,10 +96,12 @@ def radam_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, beta, **kwargs
     v = sqrt(where(rectified, ((r - 4) * (r - 2) * r_inf) / ((r_inf - 4) * (r_inf - 2) * r), 1.0))
     denom = _adam_denominator(sqr_avg, debias2, eps)
     if beta:
-        denom = softplus(denom, beta)
+        # softplus(denom, beta) = log1pexp(beta * denom) / beta: the 1 / beta joins the step's scale.
+        denom = log1pexp(denom.mul_(beta), nonnegative=True)
     if rectified is not True:
         denom = denom.where(rectified, 1.0)
-    p.addcdiv_(grad_avg, denom, value=-lr * v / debias1)
+    scale = where(rectified, beta, 1.0) if beta else 1.0
+    p.addcdiv_(grad_avg, denom, value=-lr * v * scale / debias1)
     return p
 
 
