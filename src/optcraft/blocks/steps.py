@@ -63,7 +63,7 @@ def log1pexp(y: TensorList, nonnegative: bool = False) -> TensorList:
     overflow and needs no threshold, and with `nonnegative=True` (`y` a root or a magnitude)
     `y + log(1 + exp(-y))`: `1 + exp(-y)` then lies in (1, 2], where `log` is as accurate as
     `log1p` and cheaper.  On a CPU these functions, not memory, bound the compiled steps of SAdam,
-    SRAdam and BAdam: this form took them from 1.5-1.9x their memory floor to 1.05-1.6x on GPT-2
+    SRAdam and BAdam: this form took them from 1.4-1.9x their memory floor to 1.0-1.6x on GPT-2
     small (BENCHMARKS.md, where BAdam's two logarithms remain its bound)."""
     if not torch.compiler.is_compiling():
         for t in y:
