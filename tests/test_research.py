@@ -299,11 +299,12 @@ def test_log1pexp_is_the_softplus_without_its_scale(compiled, nonnegative):
     # threshold; both must be within 1e-9 of log(1 + e^y) relative to it
     y = torch.tensor(ys, dtype=torch.float64)
     fn = (lambda t: log1pexp(TensorList([t.clone()]), nonnegative).tensors[0])
-    got = (torch.compile(fn, fullgraph=True) if compiled else fn)(y)
+    run = torch.compile(fn, fullgraph=True) if compiled else fn
+    got = run(y)
     expected = torch.tensor([_log1pexp_reference(v) for v in ys], dtype=torch.float64)
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=0)
     # float32 keeps the relative accuracy, tiny values (e^-300 is 0 there) included
-    got32 = (torch.compile(fn, fullgraph=True) if compiled else fn)(y.float())
+    got32 = run(y.float())
     torch.testing.assert_close(got32.double(), expected.float().double(), rtol=1e-6, atol=0)
 
 

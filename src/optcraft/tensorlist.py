@@ -461,6 +461,21 @@ def _blocked_norm(t: torch.Tensor, ord=2) -> torch.Tensor:
     return torch.linalg.vector_norm(rows, ord)
 
 
+def read_with_grad(p: "ParamList") -> TensorList:
+    """The parameters' values; under `torch.compile`, as `where(g == g, p, p)`, the same values
+    read together with the gradient, so that a norm of them shares an input with a norm of the
+    gradient or of an update made from it (LARC, LARS, LAMB, PreLAMB).
+
+    Why: inductor's C++ code sums reductions over the same rows in one loop only when they share
+    an input.  A parameter norm would otherwise be a loop of its own over p alone, and one stream
+    read at a time is the slowest pass on a CPU (about 20 GB/s here, where a loop reading four
+    tensors reads 26): with it, both norms come from one loop (LAMB's compiled step on GPT-2
+    small about 3% faster, interleaved A/B)."""
+    if not torch.compiler.is_compiling():
+        return p
+    return p.map(lambda t, g: torch.where(g == g, t, t), p.grad)
+
+
 def _realized(arg):
     """Under `torch.compile`, a 0-d tensor operand (or a list of them) computed in the graph, made
     a buffer of its own before the loops that use it.

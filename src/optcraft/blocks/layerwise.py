@@ -3,24 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from ..tensorlist import minimum, sqrt, where
+from ..tensorlist import minimum, read_with_grad, sqrt, where
 from .base import block
 from .decay import _may_be_nonzero
 from .steps import debias
-
-
-def _read_with_grad(p):
-    """`p`'s values; compiled, as `where(g == g, p, p)`, the same values read together with the
-    gradient, so that a norm of them shares an input with a norm of the gradient or the update.
-
-    Why: inductor's C++ code sums reductions over the same rows in one loop only when they share
-    an input.  The parameter norm of LARC and LAMB would otherwise be a loop of its own over p
-    alone, and one stream read at a time is the slowest pass on a CPU (about 20 GB/s here, where
-    a loop reading four tensors reads 26): with it, both norms come from one loop (LAMB's
-    compiled step on GPT-2 small about 3% faster, interleaved A/B)."""
-    if not torch.compiler.is_compiling():
-        return p
-    return p.map(lambda t, g: torch.where(g == g, t, t), p.grad)
 
 
 @block(defaults=dict(trust_coeff=0.02, wd=0.0, eps=1e-8), state=("local_lr",))
@@ -28,7 +14,7 @@ def larc_layer_lr(p, lr, trust_coeff, wd, eps, clip=True, **kwargs):
     """LARS/LARC's local learning rate (You et al., 2017, arXiv:1708.03888), computed before
     weight decay is applied: `local_lr = lr * trust_coeff * |p| / (|g| + wd |p| + eps)`, clipped to
     at most `lr` when `clip=True` (LARC; `clip=False` is the original LARS)."""
-    p_norm, g_norm = _read_with_grad(p).norm(), p.grad.norm()
+    p_norm, g_norm = read_with_grad(p).norm(), p.grad.norm()
     local_lr = p_norm.mul(lr * trust_coeff).div_(g_norm.add(p_norm, alpha=wd).add_(eps))
     return {"local_lr": minimum(local_lr, lr) if clip else local_lr}
 
@@ -79,7 +65,7 @@ def lamb_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, eps_root=0.0, w
 
     update = direction()
     size = (lambda t: t.rms()) if norm == "rms" else (lambda t: t.norm())
-    r1, r2 = size(_read_with_grad(p)), size(update)
+    r1, r2 = size(read_with_grad(p)), size(update)
     ratio = r1.div(r2)
     if max_ratio is not None:
         ratio = ratio.clamp_max_(max_ratio)

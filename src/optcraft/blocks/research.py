@@ -12,7 +12,7 @@ import math
 import torch
 
 from ..predicates import conv_not_cinEq256_coutLt256, conv_weight
-from ..tensorlist import TensorList, where
+from ..tensorlist import TensorList, read_with_grad, where
 from .base import block
 from .steps import _adam_denominator, debias, log1pexp
 
@@ -100,7 +100,7 @@ def centralize_grad(p, predicate=conv_weight, **kwargs):
 @block
 def scale_grad_to_param(p, **kwargs):
     """PreLAMB's gradient: `g <- g * |p| / |g|` per tensor (L2 norms; 1 where either is 0)."""
-    p.grad = p.grad.mul(_ratio(p.norm(), p.grad.norm()))
+    p.grad = p.grad.mul(_ratio(read_with_grad(p).norm(), p.grad.norm()))
 
 
 @block

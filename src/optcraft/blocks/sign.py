@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..tensorlist import where
+from ..tensorlist import read_with_grad, where
 from .base import block
 from .decay import _may_be_nonzero
 from .steps import debias
@@ -76,7 +76,7 @@ def lars_step(p, lr, mom, trust_coeff, eps, wd=0.0, grad_avg=None, do_wd=True,
     """
     update = p.grad.add(p, alpha=wd) if do_wd and _may_be_nonzero(wd) else p.grad.clone()
     if do_trust_ratio:
-        p_norm, u_norm = p.norm(), update.norm()
+        p_norm, u_norm = read_with_grad(p).norm(), update.norm()
         ratio = p_norm.mul(trust_coeff).div_(u_norm.add(eps))
         update.mul_(where((p_norm == 0) | (u_norm == 0), 1.0, ratio))
     update.mul_(lr)
