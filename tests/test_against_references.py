@@ -8,6 +8,7 @@
 """
 import math
 import random
+from functools import partial
 
 import pytest
 import torch
@@ -286,7 +287,32 @@ FORMULA_CASES = {
              dict(mom=0.9, trust_coeff=0.5, eps=1e-8, wd=0.0)),
     "lamb": (ref_lamb, lambda ps, lr: oc.Lamb(ps, lr=lr, wd=0.01),
              dict(mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01)),
+    # lamb_step alone, without a lamb_trust_ratio block before it, works the ratio out itself
+    "lamb_step_alone": (ref_lamb, lambda ps, lr: oc.Optimizer(
+        ps, [oc.weight_decay, partial(oc.average_grad, dampening=True), oc.average_sqr_grad,
+             oc.step_stat, oc.lamb_step], lr=lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01),
+        dict(mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01)),
 }
+
+
+def test_lamb_trust_ratio_is_the_papers_ratio():
+    """The `trust_ratio` that Lamb keeps per tensor: min(rms(p) / rms(u), 10) of the parameter
+    after its decay and the step's update u, 1 where a norm is 0 (an all-zero parameter)."""
+    p0, g = [0.5, -1.0, 2.0, 0.25], [0.1, -0.3, 0.2, 0.05]
+    h = dict(lr=0.1, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01)
+    params = [torch.tensor(p0, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)]
+    opt = oc.Lamb(params, lr=h["lr"], wd=h["wd"])
+    for p, grad in zip(params, [g, [1.0, 2.0, 3.0]]):
+        p.grad = torch.tensor(grad, dtype=torch.float64)
+    opt.step()
+    decayed = [x * (1 - h["lr"] * h["wd"]) for x in p0]
+    m = [(1 - h["mom"]) * gi for gi in g]
+    v = [(1 - h["sqr_mom"]) * gi * gi for gi in g]
+    u = [(mi / (1 - h["mom"])) / (math.sqrt(vi / (1 - h["sqr_mom"])) + h["eps"])
+         for mi, vi in zip(m, v)]
+    expected = min(rms(decayed) / rms(u), 10)
+    assert float(opt.state[params[0]]["trust_ratio"]) == pytest.approx(expected, rel=1e-12)
+    assert float(opt.state[params[1]]["trust_ratio"]) == 1.0
 
 
 @pytest.mark.parametrize("case", sorted(FORMULA_CASES))

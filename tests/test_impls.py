@@ -32,6 +32,9 @@ OPTIMIZERS = {
     "Larc": lambda ps, impl: oc.Larc(ps, lr=0.1, wd=0.1, impl=impl),
     "Lars": lambda ps, impl: oc.Larc(ps, lr=0.1, clip=False, impl=impl),
     "Lamb": lambda ps, impl: oc.Lamb(ps, lr=0.01, wd=0.1, impl=impl),
+    "lamb_step-alone": lambda ps, impl: oc.Optimizer(
+        ps, [oc.weight_decay, oc.average_grad, oc.average_sqr_grad, oc.step_stat, oc.lamb_step],
+        lr=0.01, wd=0.1, impl=impl),
     "ranger": lambda ps, impl: oc.ranger(ps, lr=0.01, k=3, impl=impl),
 }
 FUSABLE = {"SGD", "SGD-momentum", "SGD-momentum-l2", "SGD-nesterov", "Adam", "Adam-l2"}
@@ -364,21 +367,41 @@ def test_blocked_norm_is_the_norm(shape, ord):
     torch.testing.assert_close(tensorlist._blocked_norm(t, ord), expected, rtol=1e-12, atol=0)
 
 
+def test_chains_are_cut_after_blocks_that_end_a_graph():
+    """On a CPU the compiled path runs a chain in segments, cut after each block declared
+    `ends_graph` (LAMB's trust ratio) unless it is the last."""
+    lamb = oc.Lamb([torch.zeros(2, requires_grad=True)], lr=0.1).cbs
+    assert compiled.graph_segments(lamb) == [(0, 5), (5, 6)]
+    assert compiled.graph_segments(lamb[:-1]) == [(0, 5)]
+    assert compiled.graph_segments([oc.average_grad, oc.sgd_step]) == [(0, 2)]
+    one, two = oc.blocks.lamb_blocks(norm="l2")
+    assert compiled.graph_segments([one, one, two]) == [(0, 1), (1, 2), (2, 3)]
+
+
 @pytest.mark.slow
-def test_compiled_lamb_with_blocked_norms_gives_the_reference_numbers(monkeypatch):
-    """A parameter large enough for `_blocked_norm`'s rows (6,144 elements: rows of 3,072), with
-    scalars made buffers (`_realized`), compiled: the reference path's numbers over 10 steps."""
+@pytest.mark.parametrize("chain", ["Lamb", "lamb_step-alone"])
+def test_compiled_lamb_on_large_tensors_gives_the_reference_numbers(chain, monkeypatch):
+    """Parameters large enough for `_blocked_norm`'s rows (6,144 elements: rows of 3,072), with
+    scalars made buffers (`_realized`), compiled: the reference path's numbers over 10 steps.
+    Lamb runs in two graphs, its trust ratio's norms flat and the moments read as stored; its
+    `lamb_step` alone in one graph, with the norms over rows."""
     monkeypatch.setattr(tensorlist, "PER_TENSOR_MIN_NUMEL", 10)
 
     def run(impl):
         g = torch.Generator().manual_seed(0)
         params = [torch.randn(s, generator=g, dtype=torch.float64).requires_grad_()
-                  for s in [(64, 96), (7,)]]
-        opt = oc.Lamb(params, lr=0.01, wd=0.1, impl=impl)
+                  for s in [(64, 96), (64, 96), (7,)]]
+        opt = OPTIMIZERS[chain](params, impl)
         for _ in range(10):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
             opt.step()
-        return params
-    for a, b in zip(run("compiled"), run("reference")):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-10)
+        return params, opt
+    (params, opt), (ref_params, ref_opt) = run("compiled"), run("reference")
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-10)
+        for k, v in ref_opt.state[q].items():
+            if isinstance(v, torch.Tensor):
+                torch.testing.assert_close(opt.state[p][k], v, rtol=1e-6, atol=1e-10)
+    (functions,) = opt._kernel("compiled").functions.values()  # one kind of piece, compiled
+    assert len(functions) == (2 if chain == "Lamb" else 1)

@@ -372,11 +372,11 @@ def test_badam_with_the_algorithm_cells_secant_converges_on_a_noisy_quadratic():
 def test_notebook_lamb_is_fastais_lamb_step_with_the_papers_flags():
     p = torch.zeros(2, requires_grad=True)
     ours, fastai = R.LAMB([p], lr=0.1).cbs, oc.Lamb([p], lr=0.1).cbs
-    last = ours[-1]
-    assert last.func is fastai[-1] is oc.lamb_step
-    assert last.keywords == dict(norm="l2", wd_in_ratio=True, max_ratio=None)
-    assert [getattr(cb, "func", cb) for cb in ours[:-1]] == \
-        [getattr(cb, "func", cb) for cb in fastai[1:-1]]
+    flags = dict(norm="l2", wd_in_ratio=True, max_ratio=None)
+    assert [cb.func for cb in ours[-2:]] == fastai[-2:] == [oc.lamb_trust_ratio, oc.lamb_step]
+    assert [cb.keywords for cb in ours[-2:]] == [flags, flags]
+    assert [getattr(cb, "func", cb) for cb in ours[:-2]] == \
+        [getattr(cb, "func", cb) for cb in fastai[1:-2]]
 
 
 # ---- gradient centralisation and predicates -------------------------------------------------------

@@ -4,7 +4,7 @@ An optimizer is a short chain of building blocks (fastai's design), it is a real
 `torch.optim.Optimizer`, and every block runs over all parameters of a group at once.
 """
 from .blocks import (adam_step, average_grad, average_sqr_grad, block, debias, l2_reg, lamb_step,
-                     larc_layer_lr, larc_step, momentum_step, qhadam_step, radam_step,
+                     lamb_trust_ratio, larc_layer_lr, larc_step, momentum_step, qhadam_step, radam_step,
                      rms_prop_step, sgd_step, step_stat, weight_decay)
 from .blocks import (centralize_grad, keep_param, last_update, lion_step, nesterov_step,
                      record_channel_rms, restore_channel_rms)
@@ -28,7 +28,7 @@ __all__ = [
     "SGD", "RMSProp", "Adam", "RAdam", "QHAdam", "Larc", "Lamb", "ranger",
     "sgd_step", "weight_decay", "l2_reg", "average_grad", "average_sqr_grad", "momentum_step",
     "rms_prop_step", "step_stat", "debias", "adam_step", "radam_step", "qhadam_step",
-    "larc_layer_lr", "larc_step", "lamb_step",
+    "larc_layer_lr", "larc_step", "lamb_trust_ratio", "lamb_step",
     "detuplify_pg", "set_item_pg", "pytorch_hp_map",
     "schedules", "optax", "transforms", "groups", "param_groups",
     "Transformed", "clip_by_global_norm", "adaptive_clip", "skip_nonfinite", "accumulate",

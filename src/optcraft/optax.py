@@ -31,7 +31,7 @@ from typing import Iterable
 import torch
 
 from .blocks.decay import weight_decay as decoupled_weight_decay
-from .blocks.layerwise import lamb_step
+from .blocks.layerwise import lamb_blocks
 from .blocks.sign import adam_root_step, lars_step, lion_step, nesterov_step
 from .blocks.stats import average_grad, average_sqr_grad, step_stat
 from .blocks.steps import adam_step, momentum_step, sgd_step
@@ -218,9 +218,9 @@ def lamb(params, learning_rate, b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0, weight
     """
     _check_adam("lamb", learning_rate, b1, b2, eps, eps_root, False)
     _check_number("lamb", "weight_decay", weight_decay, 0, math.inf)
-    step = partial(lamb_step, norm="l2", wd_in_ratio=True, max_ratio=None)
+    steps = lamb_blocks(norm="l2", wd_in_ratio=True, max_ratio=None)
     opt = Optimizer(params, [partial(average_grad, dampening=True), average_sqr_grad, step_stat,
-                             step],
+                             *steps],
                     lr=learning_rate, mom=b1, sqr_mom=b2, eps=eps, eps_root=eps_root,
                     wd=weight_decay, impl=impl, master_weights=master_weights)
     return apply_mask(opt, mask, who="lamb: mask")

@@ -238,23 +238,36 @@ class TensorList:
         return self
 
     # ---- per-tensor reductions: a TensorList of 0-d tensors ---------------------------------
-    def norm(self, ord=2) -> "TensorList":
+    def norm(self, ord=2, flat=False) -> "TensorList":
         """The norm of each tensor; of each whole tensor for DTensors (FSDP2's shards), with one
-        collective for the list rather than one or more per tensor."""
+        collective for the list rather than one or more per tensor.
+
+        Compiled for a CPU, each norm is taken over rows (`_blocked_norm`), or with `flat=True`
+        as one reduction over the whole tensor: inductor's C++ code writes an elementwise result
+        in a reduction's loop only when both run over the same range, and it merges a contiguous
+        tensor's dimensions for elementwise work, so a norm over rows gets a loop of its own (see
+        `stored`)."""
         if not self.tensors:
             return TensorList([])
         if distribution_of(self.tensors[0]) is not None:
             norms = _sharded_norms(self.tensors, ord)
             if norms is not None:
                 return TensorList(norms)
+        if flat and _compiling_for_cpu(self.tensors):
+            return TensorList([torch.linalg.vector_norm(t, ord) for t in self.tensors])
         return TensorList(_foreach("norm", self.tensors, ord))
 
     def numel(self) -> list[int]:
         return [t.numel() for t in self.tensors]
 
-    def rms(self) -> "TensorList":
+    def rms(self, flat=False) -> "TensorList":
         """Root mean square of each tensor: `t.pow(2).mean().sqrt()`, 0 for an empty tensor."""
-        return self.norm().div([math.sqrt(max(n, 1)) for n in self.numel()])
+        norms, sizes = self.norm(flat=flat), [math.sqrt(max(n, 1)) for n in self.numel()]
+        if flat and _compiling_for_cpu(self.tensors):
+            # Tensor by tensor: inductor does not lower a foreach division by a list of numbers,
+            # and such a call between two loops keeps them apart.
+            return TensorList([n / size for n, size in zip(norms.tensors, sizes)])
+        return norms.div(sizes)
 
     def sum(self) -> "TensorList":
         return TensorList([t.sum() for t in self.tensors])
@@ -459,6 +472,26 @@ def _blocked_norm(t: torch.Tensor, ord=2) -> torch.Tensor:
         return torch.linalg.vector_norm(t, ord)
     rows = torch.linalg.vector_norm(t.view(-1, row), ord, dim=1)
     return torch.linalg.vector_norm(rows, ord)
+
+
+def _compiling_for_cpu(tensors: list) -> bool:
+    return torch.compiler.is_compiling() and bool(tensors) and tensors[0].device.type == "cpu"
+
+
+def stored(t: TensorList) -> TensorList:
+    """`t`; compiled for a CPU, `t` as written back to its own memory (for a `ParamList`, the
+    parameters so, with their gradients).
+
+    Why: inductor computes a tensor that the graph updates in place wherever it is read, and
+    writes it back in a loop of its own.  Read through `as_strided` (whose input inductor always
+    materialises), the new values are written once, in the first loop that reads them, and that
+    can be a reduction's loop: LAMB's trust ratio then writes the moments in the loop that sums
+    its norms (see `blocks.layerwise.lamb_trust_ratio`).  Only where nothing later in the graph
+    reads the values: inductor would then keep them in a temporary."""
+    if not _compiling_for_cpu(t.tensors):
+        return t
+    values = [torch.as_strided(x, x.shape, x.stride()) for x in t.tensors]
+    return ParamList(values, t.grad) if isinstance(t, ParamList) else TensorList(values)
 
 
 def read_with_grad(p: "ParamList") -> TensorList:

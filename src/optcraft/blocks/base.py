@@ -17,7 +17,9 @@ callbacks do.  The decorator adds three things:
   state in place and leaves the gradient as it is, so the eager path may run it on slices of the
   tensors; True, or a function of the block's keyword arguments saying whether they make it so).
   Declared where slicing pays: blocks of several operations or with temporaries (a block of one
-  operation passes over memory once either way, and slices cost Python calls).
+  operation passes over memory once either way, and slices cost Python calls); and `ends_graph`
+  (the compiled path on a CPU ends a graph after the block and starts another for the rest of the
+  chain: see `optcraft.compiled`).
 """
 from __future__ import annotations
 
@@ -30,11 +32,12 @@ from ..tensorlist import ParamList, TensorList
 
 
 def block(fn: Callable | None = None, *, defaults: dict | None = None, state: tuple = (),
-          static: tuple = (), host: bool = False, elementwise: bool | Callable = False):
+          static: tuple = (), host: bool = False, elementwise: bool | Callable = False,
+          ends_graph: bool = False):
     """Make `fn` a building block (usable as a decorator with or without arguments)."""
     if fn is None:
         return functools.partial(block, defaults=defaults, state=state, static=static, host=host,
-                                 elementwise=elementwise)
+                                 elementwise=elementwise, ends_graph=ends_graph)
 
     @functools.wraps(fn)
     def call(p, *args, **kwargs):
@@ -48,6 +51,7 @@ def block(fn: Callable | None = None, *, defaults: dict | None = None, state: tu
     call.static = tuple(static)
     call.host = host
     call.elementwise = elementwise
+    call.ends_graph = ends_graph
     call.is_block = True
     return call
 

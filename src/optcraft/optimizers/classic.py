@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import partial
 
-from ..blocks import (adam_step, average_grad, average_sqr_grad, l2_reg, lamb_step,
+from ..blocks import (adam_step, average_grad, average_sqr_grad, l2_reg, lamb_blocks,
                       larc_layer_lr, larc_step, momentum_step, qhadam_step, radam_step,
                       rms_prop_step, sgd_step, step_stat, weight_decay)
 from ..hypers import torch_names
@@ -86,7 +86,7 @@ def Lamb(params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.0, decouple_wd=True, 
     """LAMB (You et al., 2020), fastai's form: Adam's update scaled per layer by
     min(rms(p) / rms(update), 10)."""
     cbs = [decay(decouple_wd), partial(average_grad, dampening=True), average_sqr_grad,
-           step_stat, lamb_step]
+           step_stat, *lamb_blocks()]
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, impl=impl, master_weights=master_weights)
 
 

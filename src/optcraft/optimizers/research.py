@@ -15,7 +15,7 @@ from functools import partial
 
 import torch
 
-from ..blocks import (adam_step, average_grad, average_sqr_grad, lamb_step, step_stat,
+from ..blocks import (adam_step, average_grad, average_sqr_grad, lamb_blocks, step_stat,
                       weight_decay)
 from ..blocks.research import (average_deviation, badam_step, centralize_grad, check_secant,
                                debiased_momentum_step, deviation_step, keep_param, last_update,
@@ -63,11 +63,11 @@ def SRAdam(params, lr, mom=0.9, sqr_mom=0.999, smooth=50.0, wd=0.0, impl="auto",
 def LAMB(params, lr, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.0, impl="auto", master_weights=True):
     """LAMB as the paper (You et al., 2020, arXiv:1904.00962) and the notebook write it:
     `A = m_hat / (sqrt(v_hat) + eps) + wd * p`, `p <- p - lr * (|p| / |A|) * A` per tensor, L2
-    norms, ratio unclipped (1 where either norm is 0).  It is `lamb_step`, as fastai's `Lamb` is,
+    norms, ratio unclipped (1 where either norm is 0).  It is `lamb_blocks`, as fastai's `Lamb` is,
     with `norm="l2", wd_in_ratio=True, max_ratio=None` (fastai: RMS norms, ratio clipped at 10,
     weight decay outside the ratio)."""
-    paper = partial(lamb_step, norm="l2", wd_in_ratio=True, max_ratio=None)
-    return Optimizer(params, [*_adam_moments(), paper], lr=lr, mom=mom, sqr_mom=sqr_mom,
+    paper = lamb_blocks(norm="l2", wd_in_ratio=True, max_ratio=None)
+    return Optimizer(params, [*_adam_moments(), *paper], lr=lr, mom=mom, sqr_mom=sqr_mom,
                      eps=eps, wd=wd, impl=impl, master_weights=master_weights)
 
 
