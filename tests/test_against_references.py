@@ -296,23 +296,28 @@ FORMULA_CASES = {
 
 
 def test_lamb_trust_ratio_is_the_papers_ratio():
-    """The `trust_ratio` that Lamb keeps per tensor: min(rms(p) / rms(u), 10) of the parameter
-    after its decay and the step's update u, 1 where a norm is 0 (an all-zero parameter)."""
+    """`lamb_trust_ratio` on one tensor (the seed's calling convention): the update
+    u = m_hat / (sqrt(v_hat) + eps) and min(rms(p) / rms(u), 10), 1 where a norm is 0 (an
+    all-zero parameter).  Lamb hands both to `lamb_step` and keeps neither in its state."""
     p0, g = [0.5, -1.0, 2.0, 0.25], [0.1, -0.3, 0.2, 0.05]
-    h = dict(lr=0.1, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01)
-    params = [torch.tensor(p0, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)]
-    opt = oc.Lamb(params, lr=h["lr"], wd=h["wd"])
-    for p, grad in zip(params, [g, [1.0, 2.0, 3.0]]):
-        p.grad = torch.tensor(grad, dtype=torch.float64)
-    opt.step()
-    decayed = [x * (1 - h["lr"] * h["wd"]) for x in p0]
+    h = dict(mom=0.9, sqr_mom=0.99, eps=1e-5)
     m = [(1 - h["mom"]) * gi for gi in g]
     v = [(1 - h["sqr_mom"]) * gi * gi for gi in g]
     u = [(mi / (1 - h["mom"])) / (math.sqrt(vi / (1 - h["sqr_mom"])) + h["eps"])
          for mi, vi in zip(m, v)]
-    expected = min(rms(decayed) / rms(u), 10)
-    assert float(opt.state[params[0]]["trust_ratio"]) == pytest.approx(expected, rel=1e-12)
-    assert float(opt.state[params[1]]["trust_ratio"]) == 1.0
+    f64 = partial(torch.tensor, dtype=torch.float64)
+    p = f64(p0)
+    p.grad = f64(g)
+    out = oc.lamb_trust_ratio(p, step=1, grad_avg=f64(m), sqr_avg=f64(v), **h)
+    assert out["lamb_update"].tolist() == pytest.approx(u, rel=1e-12)
+    assert float(out["trust_ratio"]) == pytest.approx(min(rms(p0) / rms(u), 10), rel=1e-12)
+    zero = torch.zeros(4, dtype=torch.float64)
+    zero.grad = f64(g)
+    assert float(oc.lamb_trust_ratio(zero, step=1, grad_avg=f64(m), sqr_avg=f64(v),
+                                     **h)["trust_ratio"]) == 1.0
+    opt = oc.Lamb([p], lr=0.1)
+    opt.step()
+    assert set(opt.state[p]) == {"grad_avg", "sqr_avg", "step"}
 
 
 @pytest.mark.parametrize("case", sorted(FORMULA_CASES))

@@ -367,6 +367,22 @@ def test_blocked_norm_is_the_norm(shape, ord):
     torch.testing.assert_close(tensorlist._blocked_norm(t, ord), expected, rtol=1e-12, atol=0)
 
 
+def test_eager_lamb_computes_its_update_once(monkeypatch):
+    """Eagerly `lamb_trust_ratio` hands its update to `lamb_step`, which does not compute it
+    again (one parameter-sized direction per bucket and step)."""
+    from optcraft.blocks import layerwise
+    calls = []
+    original = layerwise._lamb_direction
+    monkeypatch.setattr(layerwise, "_lamb_direction",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    params = [torch.randn(3, 4, requires_grad=True) for _ in range(2)]
+    opt = oc.Lamb(params, lr=0.01, impl="foreach")
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert len(calls) == 1
+
+
 def test_chains_are_cut_after_blocks_that_end_a_graph():
     """On a CPU the compiled path runs a chain in segments, cut after each block declared
     `ends_graph` (LAMB's trust ratio) unless it is the last."""

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from . import precision
-from .blocks.base import unwrap_partial, vectorised
+from .blocks.base import transient_names, unwrap_partial, vectorised
 from .tensorlist import ParamList, TensorList, distribution_of
 
 IMPLS = ("auto", "reference", "foreach", "fused", "compiled")
@@ -280,6 +280,8 @@ def run_bucket(cbs: Sequence[Callable], bucket: Bucket, state, hyper: dict,
 
     values = eager() if kernel is None else kernel(bucket, state, hyper, params, eager)
     values.pop(precision.MASTER, None)
+    for name in transient_names(cbs):
+        values.pop(name, None)
     bucket.scatter(state, values)
     if with_master:
         precision.write_back(bucket.params, masters)

@@ -17,9 +17,10 @@ callbacks do.  The decorator adds three things:
   state in place and leaves the gradient as it is, so the eager path may run it on slices of the
   tensors; True, or a function of the block's keyword arguments saying whether they make it so).
   Declared where slicing pays: blocks of several operations or with temporaries (a block of one
-  operation passes over memory once either way, and slices cost Python calls); and `ends_graph`
-  (the compiled path on a CPU ends a graph after the block and starts another for the rest of the
-  chain: see `optcraft.compiled`).
+  operation passes over memory once either way, and slices cost Python calls); `transient` (what
+  it returns under these names goes to the blocks after it in the chain, for this step only, and
+  is not kept in the parameters' state); and `ends_graph` (the compiled path on a CPU ends a graph
+  after the block and starts another for the rest of the chain: see `optcraft.compiled`).
 """
 from __future__ import annotations
 
@@ -33,11 +34,12 @@ from ..tensorlist import ParamList, TensorList
 
 def block(fn: Callable | None = None, *, defaults: dict | None = None, state: tuple = (),
           static: tuple = (), host: bool = False, elementwise: bool | Callable = False,
-          ends_graph: bool = False):
+          transient: tuple = (), ends_graph: bool = False):
     """Make `fn` a building block (usable as a decorator with or without arguments)."""
     if fn is None:
         return functools.partial(block, defaults=defaults, state=state, static=static, host=host,
-                                 elementwise=elementwise, ends_graph=ends_graph)
+                                 elementwise=elementwise, transient=transient,
+                                 ends_graph=ends_graph)
 
     @functools.wraps(fn)
     def call(p, *args, **kwargs):
@@ -51,6 +53,7 @@ def block(fn: Callable | None = None, *, defaults: dict | None = None, state: tu
     call.static = tuple(static)
     call.host = host
     call.elementwise = elementwise
+    call.transient_names = tuple(transient)
     call.ends_graph = ends_graph
     call.is_block = True
     return call
@@ -76,6 +79,12 @@ def _is_state_of(value, p) -> bool:
 
 def is_block(cb) -> bool:
     return getattr(unwrap_partial(cb)[0], "is_block", False)
+
+
+def transient_names(cbs) -> frozenset[str]:
+    """The names the chain's blocks declare `transient`: passed along during a step, not kept."""
+    return frozenset(name for cb in cbs
+                     for name in getattr(unwrap_partial(cb)[0], "transient_names", ()))
 
 
 def unwrap_partial(cb):

@@ -62,25 +62,31 @@ def _lamb_ratio(p, update, norm, max_ratio, flat=False):
     return where((r1 == 0) | (r2 == 0), 1.0, ratio)
 
 
-@block(**_LAMB, ends_graph=True, state=("trust_ratio",))
+@block(**_LAMB, transient=("trust_ratio", "lamb_update"), ends_graph=True)
 def lamb_trust_ratio(p, mom, step, sqr_mom, grad_avg, sqr_avg, eps, eps_root=0.0, wd=0.0,
                      do_wd=True, norm="rms", wd_in_ratio=False, max_ratio=10.0, **kwargs):
-    """LAMB's trust ratio `q` (see `lamb_step`, which uses it), as `trust_ratio` per tensor.
+    """LAMB's trust ratio `q` (see `lamb_step`), handed to the `lamb_step` after it as
+    `trust_ratio`, with the update `u` it was computed from (eagerly) as `lamb_update`; neither is
+    kept in the state.
 
-    Compiled, the graph ends after this block (`ends_graph`), and the norms are taken of the
-    moments as stored (`tensorlist.stored`): then the loop that sums the norms also writes the
-    moments that the blocks before it updated, and the graph after it reads them back instead
-    of computing them again from the gradient, one tensor fewer read per element."""
+    Compiled, the update is not handed on (it would be a parameter-sized temporary: `lamb_step`
+    computes it again in the loop that moves `p`), the graph ends after this block on a CPU
+    (`ends_graph`), and the norms are taken of the moments as stored (`tensorlist.stored`): the
+    loop that sums the norms then also writes the moments the blocks before it updated, and the
+    graph after it reads them back instead of computing them again from the gradient."""
     p, grad_avg, sqr_avg = stored(p), stored(grad_avg), stored(sqr_avg)
     update = _lamb_direction(p, mom, step, sqr_mom, grad_avg, sqr_avg, eps, eps_root, wd,
                              do_wd, wd_in_ratio)
-    return {"trust_ratio": _lamb_ratio(p, update, norm, max_ratio, flat=True)}
+    ratio = _lamb_ratio(p, update, norm, max_ratio, flat=True)
+    if torch.compiler.is_compiling():
+        return {"trust_ratio": ratio}
+    return {"trust_ratio": ratio, "lamb_update": update}
 
 
 @block(**_LAMB)
 def lamb_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, eps_root=0.0, wd=0.0,
               do_wd=True, norm="rms", wd_in_ratio=False, max_ratio=10.0, trust_ratio=None,
-              **kwargs):
+              lamb_update=None, **kwargs):
     """LAMB (You et al., 2020, arXiv:1904.00962), one implementation for its published forms:
 
     `u = (grad_avg / debias1) / (sqrt(sqr_avg / debias2 + eps_root) + eps)`,
@@ -89,16 +95,16 @@ def lamb_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, eps_root=0.0, w
     fastai) or the L2 norm (`norm="l2"`, the paper and optax), `q = 1` where either norm is 0,
     `p <- p - lr * q * u`.
 
-    `q` is the `trust_ratio` that a `lamb_trust_ratio` block just before (with the same
-    keywords) worked out, or computed here when there is none.  The named recipes chain the two
-    (the compiled path runs each in a graph of its own, see `lamb_trust_ratio`).
+    `q` (and `u`) are what a `lamb_trust_ratio` block just before it (with the same keywords)
+    handed on, or are computed here when there is none.  The named recipes chain the two
+    (`lamb_blocks`): compiled, each then runs in a graph of its own (see `lamb_trust_ratio`).
 
     The defaults are fastai's `Lamb` (seed 001): RMS norms, ratio clipped at 10, weight decay left
     to a separate `weight_decay` block.  optax's `lamb` is `norm="l2", wd_in_ratio=True,
     max_ratio=None` (no clipping).
     """
     args = (mom, step, sqr_mom, grad_avg, sqr_avg, eps, eps_root, wd, do_wd, wd_in_ratio)
-    update = _lamb_direction(p, *args)
+    update = lamb_update if lamb_update is not None else _lamb_direction(p, *args)
     if trust_ratio is None:
         trust_ratio = _lamb_ratio(p, update, norm, max_ratio)
         if torch.compiler.is_compiling():
