@@ -4,8 +4,8 @@ An optimizer is a short chain of building blocks (fastai's design), it is a real
 `torch.optim.Optimizer`, and every block runs over all parameters of a group at once.
 """
 from .blocks import (adam_step, average_grad, average_sqr_grad, block, debias, l2_reg, lamb_step,
-                     lamb_trust_ratio, larc_layer_lr, larc_step, momentum_step, qhadam_step, radam_step,
-                     rms_prop_step, sgd_step, step_stat, weight_decay)
+                     lamb_trust_ratio, larc_layer_lr, larc_step, momentum_step, qhadam_step,
+                     radam_step, rms_prop_step, sgd_step, step_stat, weight_decay)
 from .blocks import (centralize_grad, keep_param, last_update, lion_step, nesterov_step,
                      record_channel_rms, restore_channel_rms)
 from . import blocks, groups, optax, predicates, schedules, transforms

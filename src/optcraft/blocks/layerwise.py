@@ -27,6 +27,7 @@ def larc_step(p, local_lr, grad_avg=None, **kwargs):
     p.add_(grad_avg if grad_avg is not None else p.grad, alpha=-local_lr)
 
 
+# What both LAMB blocks declare: they take the same hyperparameters and flags.
 _LAMB = dict(defaults=dict(eps=1e-6, eps_root=0.0, wd=0.0),
              static=("norm", "wd_in_ratio", "max_ratio"))
 
