@@ -40,7 +40,10 @@ loop reads them once, stores the moments and sums the norms; the second reads th
 moments and the parameter (seven tensors read per element instead of eight).  On a CPU, whose
 caches write back a line just read at little more than the cost of the read, reads are what a
 step pays for: Lamb on GPT-2 small about 7% faster.  On a GPU, where every byte moved counts
-alike, both forms move as many bytes, and the chain stays one graph.
+alike, both forms move as many bytes, and the chain stays one graph.  (The per-channel blocks of
+`blocks.research` also end a graph, inside the block, with a dynamo graph break: a workaround
+for an inductor failure, see `_end_graph` there; this cut is between blocks, each segment a
+compiled function of its own.)
 
 Compiled code is cached across processes by inductor's on-disk cache (`TORCHINDUCTOR_CACHE_DIR`,
 by default under the system's temporary folder): a warm start skips code generation.
