@@ -392,6 +392,10 @@ def test_chains_are_cut_after_blocks_that_end_a_graph():
     assert compiled.graph_segments([oc.average_grad, oc.sgd_step]) == [(0, 2)]
     one, two = oc.blocks.lamb_blocks(norm="l2")
     assert compiled.graph_segments([one, one, two]) == [(0, 1), (1, 2), (2, 3)]
+    # on a GPU the chain stays one graph
+    chain = compiled.CompiledChain(lamb)
+    assert chain.segments_on(torch.device("cpu")) == [(0, 5), (5, 6)]
+    assert chain.segments_on(torch.device("cuda", 0)) == [(0, 6)]
 
 
 @pytest.mark.slow

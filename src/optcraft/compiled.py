@@ -140,7 +140,7 @@ class CompiledChain:
         dtype = params.tensors[0].dtype if params.tensors[0].is_floating_point() else \
             torch.float32
         device = params.tensors[0].device
-        segments = self.segments if device.type == "cpu" else [(0, len(self.cbs))]
+        segments = self.segments_on(device)
         fns = self.functions.get(key)
         if fns is None:
             options = SEGMENT_OPTIONS if len(segments) > 1 else None
@@ -169,6 +169,11 @@ class CompiledChain:
             elif k in values and _is_number(values[k]) and isinstance(v, torch.Tensor):
                 result[k] = _read_back(v, like=values[k])
         return result
+
+    def segments_on(self, device: torch.device) -> list[tuple[int, int]]:
+        """The graphs the chain runs as on `device`: cut (`graph_segments`) on a CPU, whole
+        elsewhere (see the module docstring)."""
+        return self.segments if device.type == "cpu" else [(0, len(self.cbs))]
 
     def _run_host_blocks(self, params, values: dict, hyper: dict) -> tuple[dict, dict]:
         """The chain's host blocks, in order, on the numeric state and hyperparameters: the
