@@ -478,19 +478,26 @@ def _compiling_for_cpu(tensors: list) -> bool:
     return torch.compiler.is_compiling() and bool(tensors) and tensors[0].device.type == "cpu"
 
 
+def _materialised(t: torch.Tensor) -> torch.Tensor:
+    """`t` as an identity `as_strided` view: under `torch.compile`, `as_strided` is one of the
+    operations whose input inductor always materialises as a buffer (used by `stored` and
+    `_realized`)."""
+    return torch.as_strided(t, t.shape, t.stride())
+
+
 def stored(t: TensorList) -> TensorList:
     """`t`; compiled for a CPU, `t` as written back to its own memory (for a `ParamList`, the
     parameters so, with their gradients).
 
     Why: inductor computes a tensor that the graph updates in place wherever it is read, and
-    writes it back in a loop of its own.  Read through `as_strided` (whose input inductor always
-    materialises), the new values are written once, in the first loop that reads them, and that
-    can be a reduction's loop: LAMB's trust ratio then writes the moments in the loop that sums
-    its norms (see `blocks.layerwise.lamb_trust_ratio`).  Only where nothing later in the graph
+    writes it back in a loop of its own.  Read through `_materialised`, the new values are written
+    once, in the first loop that reads them, and that can be a reduction's loop: LAMB's trust
+    ratio then writes the moments in the loop that sums its norms (see
+    `blocks.layerwise.lamb_trust_ratio`).  Only where nothing later in the graph
     reads the values: inductor would then keep them in a temporary."""
     if not _compiling_for_cpu(t.tensors):
         return t
-    values = [torch.as_strided(x, x.shape, x.stride()) for x in t.tensors]
+    values = [_materialised(x) for x in t.tensors]
     return ParamList(values, t.grad) if isinstance(t, ParamList) else TensorList(values)
 
 
@@ -516,11 +523,9 @@ def _realized(arg):
     Why: inductor's C++ code otherwise recomputes a scalar expression (Adam's `1 - mom**step`, a
     layer's trust ratio from its norms) inside every iteration of the elementwise loop, and the
     compiler cannot lift it out when the loop also stores through pointers that might alias its
-    inputs.  Realising them took LAMB's compiled step on GPT-2 small from about 150 to 108 ms.
-    `as_strided` is one of the operations whose input inductor always materialises; here it is
-    an identity view."""
+    inputs.  Realising them took LAMB's compiled step on GPT-2 small from about 150 to 108 ms."""
     if isinstance(arg, torch.Tensor):
-        return torch.as_strided(arg, (), ()) if arg.dim() == 0 else arg
+        return _materialised(arg) if arg.dim() == 0 else arg
     if isinstance(arg, list) and any(isinstance(a, torch.Tensor) and a.dim() == 0 for a in arg):
         return [_realized(a) for a in arg]
     return arg
