@@ -256,13 +256,15 @@ def _same(a: TensorList, b: TensorList) -> bool:
 
 def run_bucket(cbs: Sequence[Callable], bucket: Bucket, state, hyper: dict,
                master_weights: bool = True, kernel: Callable | None = None,
-               slice_numel: int | None = None) -> None:
+               slice_numel: int | None = None, transient: frozenset = frozenset()) -> None:
     """One step of a bucket: the chain (or `kernel`, a fused or compiled form of it) on the
     parameters, and the new state written back.
 
     `kernel(bucket, state, hyper, params, eager)` returns the new state; `eager()` runs the chain
-    as the foreach path does.  Half-precision parameters run on their float32 master copies (see
-    `optcraft.precision`); complex ones as their real views."""
+    as the foreach path does.  `transient`: names of values the chain passes along but does not
+    keep (`blocks.base.transient_names`, worked out once per step by `step_groups`).
+    Half-precision parameters run on their float32 master copies (see `optcraft.precision`);
+    complex ones as their real views."""
     with_master = precision.uses_master(bucket.params[0].dtype, master_weights)
     if with_master:
         masters = precision.masters_of(bucket.params, state)
@@ -280,7 +282,7 @@ def run_bucket(cbs: Sequence[Callable], bucket: Bucket, state, hyper: dict,
 
     values = eager() if kernel is None else kernel(bucket, state, hyper, params, eager)
     values.pop(precision.MASTER, None)
-    for name in transient_names(cbs):
+    for name in transient:
         values.pop(name, None)
     bucket.scatter(state, values)
     if with_master:
@@ -382,6 +384,7 @@ def step_groups(cbs: Sequence[Callable], groups: Iterable[dict], state, impl: st
     # The reference path stays the plain per-parameter chain, the oracle the others are tested
     # against; the others run elementwise blocks on slices (see `SLICE_NUMEL`).
     slice_numel = None if impl == "reference" else SLICE_NUMEL
+    transient = transient_names(cbs)
     for buckets, hyper in plan:
         for bucket in buckets:
-            run_bucket(cbs, bucket, state, hyper, master_weights, kernel, slice_numel)
+            run_bucket(cbs, bucket, state, hyper, master_weights, kernel, slice_numel, transient)
