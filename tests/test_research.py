@@ -271,7 +271,10 @@ def test_research_optimizers_match_the_notebooks_formulas(name, impl, monkeypatc
         with pytest.raises(ValueError, match="no fused kernel"):
             factory_of(name)(make_params(), impl)
         return
-    ours, _ = run_optcraft(factory_of(name), impl)
+    ours, opt = run_optcraft(factory_of(name), impl)
+    if impl == "compiled":  # each kind of piece traced once (its state keeps its signature)
+        functions = opt._kernel("compiled").functions
+        assert functions and all(len(fn.graphs) == 1 for fn in functions.values())
     expected = run_reference(step, hypers)
     for i, (a, b) in enumerate(zip(ours, expected)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-10, msg=lambda m: f"param {i}: {m}")

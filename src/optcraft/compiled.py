@@ -1,12 +1,18 @@
-"""The ``compiled`` path: the whole chain of a bucket as one `torch.compile` graph (or a few, see
-`graph_segments`).
+"""The ``compiled`` path: the whole chain of a bucket traced as one graph and compiled by
+inductor, `torch.compile`'s compiler (cut in a few graphs where the chain says, see `cut`).
 
-The blocks are traced as they are.  Under tracing, `TensorList` arithmetic is written tensor by
-tensor rather than as `torch._foreach_*` calls (see `optcraft.tensorlist._foreach`): inductor fuses
-a tensor's operations into one loop, so a chain of five blocks reads and writes each tensor about
-once instead of once per block.
+How (`TracedStep`): the chain runs once on fake tensors under `make_fx`, which records its
+operations as a graph of aten operations; that graph goes to inductor as it is
+(`torch._inductor.standalone_compile`, or `torch.compile` on a torch without it).  dynamo, which
+`torch.compile` of the chain itself would use, interprets the blocks' Python bytecode by
+bytecode, and the chain's Python cost it about a second a graph, in every process, warm cache or
+not: Lamb's first compiled step on GPT-2 small took 9 to 12 s from a warm cache, and takes 3 to
+5 s traced so.  The blocks are traced as they are.  Traced, `TensorList` arithmetic is written
+tensor by tensor rather than as `torch._foreach_*` calls (see `optcraft.tensorlist._foreach` and
+`tensorlist.compiling`): inductor fuses a tensor's operations into one loop, so a chain of five
+blocks reads and writes each tensor about once instead of once per block.
 
-What keeps it from recompiling:
+What keeps it from compiling again:
 
 * every numeric hyperparameter and numeric state value (`lr`, `mom`, `wd`, `step`, ...) enters the
   graph as a 0-d tensor, so a new value (a schedule, a torch scheduler, `set_hyper`) is new data,
@@ -17,48 +23,54 @@ What keeps it from recompiling:
   is known without reading it back from the device (a `.item()` per piece would make the CPU
   wait for each piece's kernels on a GPU);
 * each kind of bucket (its device, dtype, tensor shapes, state keys and constants) gets its own
-  compiled function, so several groups or dtypes do not share dynamo's per-function cache;
+  `TracedStep`, which compiles again only for inputs of a new signature (`_signature`: what
+  dynamo's guards would check), and the state a step leaves keeps the signature it was traced
+  for;
 * the first step that meets a kind of bucket runs it eagerly (foreach), which creates the state;
   it is compiled from the next step on, with the state it will keep.
 
 What gets compiled, and in what pieces (`split_bucket`): a bucket's tensors of at least
 `tensorlist.PER_TENSOR_MIN_NUMEL` elements, grouped by shape, at most `CHUNK_TENSORS` to a graph.
 A model repeats its layers, so most pieces are alike and share one compiled function: GPT-2
-small's 50 large tensors need 6 graphs (Lamb's compile in about 25 s cold, 5 s from a warm
-cache), where one graph of them all took over a minute (inductor's scheduling grows faster than
-the graph).  Smaller tensors (biases, norms) stay on the foreach path: one kernel per operation
-over all of them is cheaper than inductor's loop per tensor, and costs no compiling.
+small's 50 large tensors need 6 graphs, where one graph of them all took over a minute to
+compile (inductor's scheduling grows faster than the graph).  Smaller tensors (biases, norms)
+stay on the foreach path: one kernel per operation over all of them is cheaper than inductor's
+loop per tensor, and costs no compiling.
 
-On a CPU the chain is cut after each block declared `ends_graph` (`graph_segments`), and each
-segment is a graph of its own, fed the state the one before it left.  LAMB's trust ratio is such a
-block: it needs whole-tensor norms of an update made from the moments the blocks before it have
-just changed.  In one graph inductor sums the norms in one loop and then, in a second, computes
-the moments again from the gradient, stores them and moves the parameter (it does not store an
-updated input in a reduction's loop when the graph reads it again), so each element of the
-gradient, moments and parameter is read twice.  Cut after the trust ratio, the first graph's
-loop reads them once, stores the moments and sums the norms; the second reads the stored
-moments and the parameter (seven tensors read per element instead of eight).  On a CPU, whose
-caches write back a line just read at little more than the cost of the read, reads are what a
-step pays for: Lamb on GPT-2 small about 7% faster.  On a GPU, where every byte moved counts
-alike, both forms move as many bytes, and the chain stays one graph.  (The per-channel blocks of
-`blocks.research` also end a graph, inside the block, with a dynamo graph break: a workaround
-for an inductor failure, see `_end_graph` there; this cut is between blocks, each segment a
-compiled function of its own.)
+Where the traced graph is cut (`tensorlist.end_graph`, each part compiled as a graph of its own,
+fed what the one before computed): inside a block that says so (the per-channel blocks of
+`blocks.research`, around an inductor failure, see `_end_graph` there), and, on a CPU, after each
+block declared `ends_graph` (`CompiledChain.chain_on` puts `cut` there).  LAMB's trust ratio is
+such a block: it needs whole-tensor norms of an update made from the moments the blocks before it
+have just changed.  In one graph inductor sums the norms in one loop and then, in a second,
+computes the moments again from the gradient, stores them and moves the parameter (it does not
+store an updated input in a reduction's loop when the graph reads it again), so each element of
+the gradient, moments and parameter is read twice.  Cut after the trust ratio, the first graph's
+loop reads them once, stores the moments and sums the norms; the second reads the stored moments
+and the parameter (seven tensors read per element instead of eight).  On a CPU, whose caches
+write back a line just read at little more than the cost of the read, reads are what a step pays
+for: Lamb on GPT-2 small about 7% faster.  On a GPU, where every byte moved counts alike, both
+forms move as many bytes, and the chain stays one graph.
 
 Compiled code is cached across processes by inductor's on-disk cache (`TORCHINDUCTOR_CACHE_DIR`,
-by default under the system's temporary folder): a warm start skips code generation.
+by default under the system's temporary folder): a warm start skips code generation, and pays
+for the tracing and for inductor's own start-up (importing it, probing the CPU's vector
+instructions: about 3 s once a process on this machine).
 """
 from __future__ import annotations
 
+import collections.abc
 import functools
-import types
 from typing import Any, Callable, Sequence
 
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.passes.split_module import split_module
+from torch.utils import _pytree as pytree
 
 from . import tensorlist
 from .blocks.base import block, unwrap_partial, vectorised
-from .tensorlist import ParamList, TensorList
+from .tensorlist import ParamList, TensorList, end_graph
 
 _NUMBER = (int, float)
 
@@ -109,13 +121,16 @@ class CompiledChain:
     def __init__(self, cbs: Sequence[Callable]):
         self.cbs = list(cbs)
         self.static = static_names(cbs)
-        self.functions: dict[tuple, Callable] = {}
+        self.functions: dict[tuple, TracedStep] = {}
         self.first_seen: dict[tuple, int] = {}  # kind of piece -> the step that first met it
         self.steps = 0
         self._scalars: dict[tuple, tuple] = {}  # slot -> (0-d tensor, the value it holds)
-        self.host = [i for i, cb in enumerate(self.cbs)
-                     if getattr(unwrap_partial(cb)[0], "host", False)]
-        self.segments = graph_segments(self.cbs)
+
+    @property
+    def compiles(self) -> int:
+        """How many times a step has been traced and compiled so far: once for each kind of
+        piece, and again for an input whose signature changed (see `TracedStep`)."""
+        return sum(fn.compiles for fn in self.functions.values())
 
     def begin_step(self) -> None:
         """Called by the engine before each optimizer step's pieces."""
@@ -140,12 +155,10 @@ class CompiledChain:
         dtype = params.tensors[0].dtype if params.tensors[0].is_floating_point() else \
             torch.float32
         device = params.tensors[0].device
-        segments = self.segments_on(device)
-        fns = self.functions.get(key)
-        if fns is None:
-            options = SEGMENT_OPTIONS if len(segments) > 1 else None
-            fns = self.functions[key] = [_fresh_compiled(_bucket_step, options)
-                                         for _ in segments]
+        chain = self.chain_on(device)
+        fn = self.functions.get(key)
+        if fn is None:
+            fn = self.functions[key] = TracedStep(chain)
         numbers = {k: self._as_tensor(k, v, dtype, device)
                    for k, v in {**values, **hyper}.items()
                    if k not in constants and _is_number(v)}
@@ -153,13 +166,11 @@ class CompiledChain:
         hyper_values = {k: v for k, v in hyper.items() if k not in numbers}
         inputs = {**state_values, **{k: numbers[k] for k in values if k in numbers}}
         hypers = {**hyper_values, **{k: numbers[k] for k in hyper if k in numbers}}
-        after_host, given = self._run_host_blocks(params, values, hyper)
+        after_host, given = _run_host_blocks(chain, params, values, hyper)
         given = {i: {k: self._as_tensor(f"{k}@{i}", v, dtype, device) for k, v in out.items()}
                  for i, out in given.items()}
-        result = {k: _plain(v) for k, v in inputs.items()}
-        for fn, (start, end) in zip(fns, segments):
-            result = fn(self.cbs[start:end], params.tensors, params.grad.tensors, result, hypers,
-                        {i - start: out for i, out in given.items() if start <= i < end})
+        result = fn(params.tensors, params.grad.tensors, {k: _plain(v) for k, v in inputs.items()},
+                    hypers, given)
         result = {k: TensorList(v) if isinstance(v, list) else v for k, v in result.items()}
         # Numeric state goes back as Python numbers, as the eager paths keep it: the host blocks'
         # own (no device read); one a device block wrote is read back.
@@ -170,23 +181,18 @@ class CompiledChain:
                 result[k] = _read_back(v, like=values[k])
         return result
 
-    def segments_on(self, device: torch.device) -> list[tuple[int, int]]:
-        """The graphs the chain runs as on `device`: cut (`graph_segments`) on a CPU, whole
-        elsewhere (see the module docstring)."""
-        return self.segments if device.type == "cpu" else [(0, len(self.cbs))]
-
-    def _run_host_blocks(self, params, values: dict, hyper: dict) -> tuple[dict, dict]:
-        """The chain's host blocks, in order, on the numeric state and hyperparameters: the
-        numeric state they leave, and each one's result by its place in the chain."""
-        current, given = dict(values), {}
-        for i in self.host:
-            out = vectorised(self.cbs[i])(params, **{**current, **hyper}) or {}
-            if not all(_is_number(v) for v in out.values()):
-                raise TypeError(f"{self.cbs[i]!r} is a host block but returned "
-                                f"{out!r}: a host block returns numbers only")
-            given[i] = out
-            current.update(out)
-        return {k: current[k] for out in given.values() for k in out}, given
+    def chain_on(self, device: torch.device) -> list:
+        """The chain as it is traced on `device`: on a CPU with `cut` after each block declared
+        `ends_graph` (but the last), so that each part is a graph of its own; whole elsewhere
+        (see the module docstring)."""
+        if device.type != "cpu":
+            return self.cbs
+        chain = []
+        for i, cb in enumerate(self.cbs):
+            chain.append(cb)
+            if i < len(self.cbs) - 1 and getattr(unwrap_partial(cb)[0], "ends_graph", False):
+                chain.append(cut)
+        return chain
 
     def _as_tensor(self, key: str, value, dtype, device) -> torch.Tensor:
         """A 0-d tensor holding `value`, reused step after step (filled in place), so the graph
@@ -202,14 +208,27 @@ class CompiledChain:
         return t
 
 
-def graph_segments(cbs: Sequence[Callable]) -> list[tuple[int, int]]:
-    """The chain cut after each block declared `ends_graph` (but the last), as `(start, end)`
-    ranges of it: on a CPU each is traced as a graph of its own, the state after one going into
-    the next (see the module docstring)."""
-    cuts = [i + 1 for i, cb in enumerate(cbs[:-1])
-            if getattr(unwrap_partial(cb)[0], "ends_graph", False)]
-    bounds = [0, *cuts, len(cbs)]
-    return list(zip(bounds[:-1], bounds[1:]))
+def _run_host_blocks(chain, params, values: dict, hyper: dict) -> tuple[dict, dict]:
+    """The chain's host blocks, in order, on the numeric state and hyperparameters: the numeric
+    state they leave, and each one's result by its place in the chain."""
+    current, given = dict(values), {}
+    for i, cb in enumerate(chain):
+        if not getattr(unwrap_partial(cb)[0], "host", False):
+            continue
+        out = vectorised(cb)(params, **{**current, **hyper}) or {}
+        if not all(_is_number(v) for v in out.values()):
+            raise TypeError(f"{cb!r} is a host block but returned {out!r}: a host block returns "
+                            f"numbers only")
+        given[i] = out
+        current.update(out)
+    return {k: current[k] for out in given.values() for k in out}, given
+
+
+@block
+def cut(p, **kwargs):
+    """The compiled path's graph ends here (`tensorlist.end_graph`): what follows is a graph of
+    its own.  `CompiledChain.chain_on` puts it after the blocks declared `ends_graph`."""
+    end_graph()
 
 
 def _read_back(t: torch.Tensor, like):
@@ -228,9 +247,9 @@ def _plain(v):
 
 
 def _bucket_step(cbs, params, grads, values, hyper, given) -> dict[str, Any]:
-    """The traced function: the chain over plain lists of tensors (what dynamo passes in and out
-    most simply), as `TensorList`s inside; the host blocks' results, `given` by their place in
-    the chain, stand in for those blocks."""
+    """The traced function: the chain over plain lists of tensors (what pytree flattens), as
+    `TensorList`s inside; the host blocks' results, `given` by their place in the chain, stand in
+    for those blocks."""
     from .engine import apply_chain  # the engine imports this module
 
     values = {k: TensorList(v) if isinstance(v, list) else v for k, v in values.items()}
@@ -246,17 +265,136 @@ def _given(p, result, **kwargs):
     return dict(result)
 
 
-#: inductor's options for the graphs of a chain cut in segments: tensors' loops are fused
+class TracedStep:
+    """The chain's step for one kind of piece as compiled code: `_bucket_step` traced to a graph
+    of aten operations (`make_fx` on fake tensors, which runs the blocks' Python as Python: 0.03
+    to 0.17 s a graph on GPT-2 small), cut where the chain says (`end_graph`), and compiled by
+    inductor (see the module docstring), once per signature of its inputs.
+
+    What dynamo's guards would check, the signature does (`_signature`): each tensor input's
+    dtype, device, shape and strides, which inputs are the same tensor, and each other input's
+    value; a new signature is traced and compiled anew (`compiles` counts them)."""
+
+    def __init__(self, cbs: Sequence[Callable]):
+        self.cbs = list(cbs)
+        self.graphs: dict[tuple, _Graph] = {}
+        self.compiles = 0
+
+    def __call__(self, params, grads, values, hyper, given) -> dict[str, Any]:
+        leaves, spec = pytree.tree_flatten((params, grads, values, hyper, given))
+        key = (spec, _signature(leaves))
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = _Graph(self.cbs, leaves, spec)
+            self.compiles += 1
+        return graph(leaves)
+
+
+def _signature(leaves: list) -> tuple:
+    seen: dict[int, int] = {}
+    out = []
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            # a tensor passed twice is one input of the graph: which one it repeats is part of
+            # the signature.  Distinct tensors are taken not to overlap in memory (parameters
+            # and their state never do); views of one storage that do not overlap, such as the
+            # per-tensor scalars the foreach path leaves, compile as separate inputs anyway.
+            first = seen.setdefault(id(x), len(seen))
+            out.append((x.dtype, x.device, x.shape, x.stride(), first))
+        else:
+            out.append((type(x), x if isinstance(x, collections.abc.Hashable) else repr(x)))
+    return tuple(out)
+
+
+class _Graph:
+    """The compiled step of one signature of inputs (see `TracedStep`).
+
+    Traced, the step's outputs are sorted: a tensor the graph computes is a graph output; an input
+    returned as it is (an unchanged state value, or one updated in place) is handed back as that
+    input; anything else (None, a flag) is a constant of the trace."""
+
+    def __init__(self, cbs, leaves: list, spec):
+        self.inputs = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+        # the other inputs, constants of the graph (no tensor is kept: a state tensor the step
+        # replaces must be freed)
+        constants = [None if isinstance(x, torch.Tensor) else x for x in leaves]
+
+        def flat_step(*tensors):
+            xs = list(constants)
+            for i, t in zip(self.inputs, tensors):
+                xs[i] = t
+            outs, self.out_spec = pytree.tree_flatten(
+                _bucket_step(cbs, *pytree.tree_unflatten(xs, spec)))
+            place = {id(t): n for n, t in enumerate(tensors)}
+            self.out_plan, computed = [], []
+            for x in outs:
+                if isinstance(x, torch.Tensor) and id(x) in place:
+                    self.out_plan.append(("input", place[id(x)]))
+                elif isinstance(x, torch.Tensor):
+                    self.out_plan.append(("output", len(computed)))
+                    computed.append(x)
+                else:
+                    self.out_plan.append(("constant", x))
+            return computed
+
+        example = [leaves[i] for i in self.inputs]
+        with tensorlist.tracing() as cuts:
+            graph = make_fx(flat_step, tracing_mode="fake")(*example)
+        self.run, self.parts = _compiled_parts(graph, example, cuts)
+
+    def __call__(self, leaves: list) -> dict[str, Any]:
+        tensors = [leaves[i] for i in self.inputs]
+        computed = self.run(*tensors)
+        outs = [tensors[v] if kind == "input" else computed[v] if kind == "output" else v
+                for kind, v in self.out_plan]
+        return pytree.tree_unflatten(outs, self.out_spec)
+
+
+#: inductor's options for the graphs of a step that is cut in parts: tensors' loops are fused
 #: sideways only where they share at least this many bytes.  By default a few shared scalars
 #: (a bias correction) suffice, and the greedy fusion then merges several tensors' moment loops
 #: before each tensor's parameter loop can join its own, which reads the gradient twice.
 SEGMENT_OPTIONS = {"score_fusion_memory_threshold": 1 << 16}
 
 
-def _fresh_compiled(fn: Callable, options=None) -> Callable:
-    """`torch.compile(fn)` on a copy of `fn`'s code: dynamo keeps its cache (and its limit on
-    recompilations) per code object, and each kind of bucket should have a cache of its own."""
-    code = fn.__code__.replace()
-    copy = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-    copy.__kwdefaults__ = fn.__kwdefaults__
-    return torch.compile(copy, dynamic=False, options=options)
+def _compiled_parts(graph: torch.fx.GraphModule, example: list, cuts: list):
+    """`graph` compiled, and how many graphs that makes: whole, or, cut after each node of `cuts`,
+    as a graph module that calls each part compiled (with `SEGMENT_OPTIONS`), in order."""
+    cuts, part, parts = set(cuts), 0, {}
+    for node in graph.graph.nodes:
+        parts[node] = part
+        if node in cuts and node.op != "placeholder":
+            part += 1
+    if not any(parts[node] for node in graph.graph.nodes if node.op != "output"):
+        return _inductor_compile(graph, example, None), 1
+    split = split_module(graph, graph, parts.__getitem__, keep_original_order=True)
+    names = [name for name, _ in split.named_children()]
+    for name in names:
+        sub = getattr(split, name)
+        delattr(split, name)
+        setattr(split, name, _CompiledOnFirstCall(sub, SEGMENT_OPTIONS))
+    return split, len(names)
+
+
+class _CompiledOnFirstCall:
+    """A part of a cut graph, compiled when it is first called, for the inputs it is called with
+    (the parts after the first take what the one before computed)."""
+
+    def __init__(self, graph: torch.fx.GraphModule, options: dict):
+        self.graph, self.options, self.run = graph, options, None
+
+    def __call__(self, *args):
+        if self.run is None:
+            self.run = _inductor_compile(self.graph, list(args), self.options)
+        return self.run(*args)
+
+
+def _inductor_compile(graph: torch.fx.GraphModule, example: list, options: dict | None):
+    """`graph` compiled by inductor for inputs like `example`, with inductor's config `options`."""
+    import torch._inductor  # noqa: F401  (inductor's own start-up, once a process)
+
+    standalone = getattr(torch._inductor, "standalone_compile", None)
+    if standalone is None:  # an older torch: dynamo traces the (straight-line) graph again
+        return torch.compile(graph, dynamic=False, options=options)
+    return standalone(graph, example, dynamic_shapes="from_example_inputs",
+                      options={"config_patches": dict(options)} if options else {})

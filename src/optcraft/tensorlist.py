@@ -16,6 +16,8 @@ Per-tensor reductions (`norm`, `rms`, `sum`) return the third kind, which broadc
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from functools import partial
 from typing import Callable, Iterable, Sequence
@@ -23,6 +25,46 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 Scalar = "float | int | torch.Tensor | TensorList"
+
+
+#: While the compiled path traces a chain (`tracing`): the places where the graph is to be cut.
+_TRACING: contextvars.ContextVar[list | None] = contextvars.ContextVar("optcraft_tracing",
+                                                                      default=None)
+
+
+def compiling() -> bool:
+    """Whether the code running is being traced for a compiler: by dynamo (`torch.compile` of a
+    user's function) or by the compiled path's own tracer (`tracing`).  Blocks and this module ask
+    this, never `torch.compiler.is_compiling()` alone, to choose their compiled forms."""
+    # dynamo's test first: dynamo cannot trace `ContextVar.get`.
+    return torch.compiler.is_compiling() or _TRACING.get() is not None
+
+
+@contextlib.contextmanager
+def tracing():
+    """Within it, `compiling()` is true, and `end_graph()` records where it was called (the last
+    node of the graph traced so far) in the list this yields: `optcraft.compiled` traces a chain
+    so, with `make_fx`, which `torch.compiler.is_compiling()` does not see."""
+    cuts: list = []
+    token = _TRACING.set(cuts)
+    try:
+        yield cuts
+    finally:
+        _TRACING.reset(token)
+
+
+def end_graph() -> None:
+    """End the graph being traced here: what follows is compiled as a graph of its own (under the
+    compiled path's tracer: it splits its graph there; under dynamo: a graph break).  Nothing
+    eagerly.  Blocks call it where one graph compiles badly or fails, saying why."""
+    if torch.compiler.is_compiling():
+        torch._dynamo.graph_break()
+        return
+    cuts = _TRACING.get()
+    if cuts is not None:
+        from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+        cuts.append(next(reversed(get_proxy_mode().tracer.graph.nodes)))
 
 
 def _is_number(x) -> bool:
@@ -367,7 +409,7 @@ def _stacked(tensors: list, others: tuple) -> list | None:
     """`tensors` and each of `others` as one vector (a list of 0-d tensors stacked; a single value
     kept, to broadcast), or None where that does not apply: under compile (inductor fuses the
     per-tensor form), for one tensor, for tensors that are not all 0-d on one device and dtype."""
-    if torch.compiler.is_compiling() or len(tensors) < 2:
+    if compiling() or len(tensors) < 2:
         return None
     out = []
     for column in (tensors, *others):
@@ -417,7 +459,7 @@ def _foreach(name: str, tensors: list, *args, **kwargs):
     per-tensor operations would make compiling take minutes.  Eagerly, one foreach call beats a
     Python loop."""
     foreach = getattr(torch, f"_foreach_{name}")
-    if not torch.compiler.is_compiling():
+    if not compiling():
         return foreach(tensors, *args, **kwargs)
     args = tuple([_realized(a) for a in args])  # a list: see TensorList.__init__
     # 0-d tensors stay in the foreach call whatever the threshold: torch 2.13 takes a 0-d float64
@@ -440,8 +482,15 @@ def _foreach(name: str, tensors: list, *args, **kwargs):
         return results
     for i in big:
         picked = [a[i] if listed else a for a, listed in zip(args, is_list)]
-        results[i] = getattr(tensors[i], name)(*picked, **kwargs)
+        if name in _NO_TENSOR_METHOD:  # in place, as the foreach call is
+            tensors[i].copy_(getattr(torch, name[:-1])(tensors[i], *picked, **kwargs))
+        else:
+            results[i] = getattr(tensors[i], name)(*picked, **kwargs)
     return None if name.endswith("_") else results
+
+
+#: In-place foreach operations that `torch.Tensor` has no method for.
+_NO_TENSOR_METHOD = frozenset({"maximum_", "minimum_"})
 
 
 #: `_blocked_norm` sums rows of at most this many elements first: inductor sums a row this short
@@ -475,7 +524,7 @@ def _blocked_norm(t: torch.Tensor, ord=2) -> torch.Tensor:
 
 
 def _compiling_for_cpu(tensors: list) -> bool:
-    return torch.compiler.is_compiling() and bool(tensors) and tensors[0].device.type == "cpu"
+    return compiling() and bool(tensors) and tensors[0].device.type == "cpu"
 
 
 def _materialised(t: torch.Tensor) -> torch.Tensor:
@@ -511,7 +560,7 @@ def read_with_grad(p: "ParamList") -> TensorList:
     read at a time is the slowest pass on a CPU (about 20 GB/s here, where a loop reading four
     tensors reads 26): with it, both norms come from one loop (LAMB's compiled step on GPT-2
     small about 3% faster, interleaved A/B)."""
-    if not torch.compiler.is_compiling():
+    if not compiling():
         return p
     return p.map(lambda t, g: torch.where(g == g, t, t), p.grad)
 

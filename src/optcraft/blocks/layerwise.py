@@ -5,7 +5,7 @@ from functools import partial
 
 import torch
 
-from ..tensorlist import minimum, read_with_grad, sqrt, stored, where
+from ..tensorlist import compiling, minimum, read_with_grad, sqrt, stored, where
 from .base import block
 from .decay import _may_be_nonzero
 from .steps import debias
@@ -79,7 +79,7 @@ def lamb_trust_ratio(p, mom, step, sqr_mom, grad_avg, sqr_avg, eps, eps_root=0.0
     update = _lamb_direction(p, mom, step, sqr_mom, grad_avg, sqr_avg, eps, eps_root, wd,
                              do_wd, wd_in_ratio)
     ratio = _lamb_ratio(p, update, norm, max_ratio, flat=True)
-    if torch.compiler.is_compiling():
+    if compiling():
         return {"trust_ratio": ratio}
     return {"trust_ratio": ratio, "lamb_update": update}
 
@@ -108,7 +108,7 @@ def lamb_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, eps_root=0.0, w
     update = lamb_update if lamb_update is not None else _lamb_direction(p, *args)
     if trust_ratio is None:
         trust_ratio = _lamb_ratio(p, update, norm, max_ratio)
-        if torch.compiler.is_compiling():
+        if compiling():
             # The step needs the whole update's norm first.  Compiled, the update is computed
             # again in the loop that writes `p` rather than kept: no parameter-sized temporaries.
             update = _lamb_direction(p, *args)

@@ -12,7 +12,7 @@ import math
 import torch
 
 from ..predicates import conv_not_cinEq256_coutLt256, conv_weight
-from ..tensorlist import TensorList, read_with_grad, where
+from ..tensorlist import TensorList, end_graph, read_with_grad, where
 from .base import block
 from .steps import _adam_denominator, debias, log1pexp
 
@@ -43,10 +43,10 @@ def _channel_rms(t: torch.Tensor) -> torch.Tensor:
 
 
 def _end_graph() -> None:
-    """Under torch.compile, end the graph here; nothing in eager mode.  Blocks call it between a
-    per-channel reduction and the elementwise code that uses it: torch 2.13's CPU code generation
-    fails (KeyError 'buf..' in its outer-loop fusion) on one graph holding both."""
-    torch._dynamo.graph_break()
+    """Compiled, end the graph here (`tensorlist.end_graph`); nothing in eager mode.  Blocks call
+    it between a per-channel reduction and the elementwise code that uses it: torch 2.13's CPU
+    code generation fails (KeyError 'buf..' in its outer-loop fusion) on one graph holding both."""
+    end_graph()
 
 
 def _one_per_channel(t: torch.Tensor) -> torch.Tensor:

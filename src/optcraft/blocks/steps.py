@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..tensorlist import TensorList, sqrt, where
+from ..tensorlist import TensorList, compiling, sqrt, where
 from .base import block
 
 
@@ -66,7 +66,7 @@ def log1pexp(y: TensorList, nonnegative: bool = False) -> TensorList:
     float32 on a CPU).  On a CPU these functions, not memory, bound the compiled steps of SAdam,
     SRAdam and BAdam: this form took them from 1.4-1.9x their memory floor to 1.0-1.6x on GPT-2
     small, and `log1p_unit` BAdam's to about 1.3x (BENCHMARKS.md)."""
-    if not torch.compiler.is_compiling():
+    if not compiling():
         for t in y:
             torch.ops.aten.softplus.out(t, 1.0, 20.0, out=t)
         return y
