@@ -8,6 +8,7 @@ says `do_wd=False`.
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -319,6 +320,51 @@ def test_compiled_traces_each_kind_of_piece_once(monkeypatch):
     assert len(function.graphs) == 1 and function.compiles == 1
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["item", "branch", "tensor"])
+def test_compiled_runs_eagerly_a_chain_that_reads_tensor_values(form, monkeypatch):
+    """A plain callback whose Python needs a tensor's value (`alpha=-lr` with `lr` a 0-d tensor,
+    as the compiled path passes it; an `if` on a tensor) cannot be one graph: the compiled path
+    says so in a warning naming the shapes, runs those pieces on the foreach path, and gives the
+    reference path's numbers; a callback written with tensor operations compiles."""
+    monkeypatch.setattr(tensorlist, "PER_TENSOR_MIN_NUMEL", 1)
+
+    def reads_a_number(p, lr, **kwargs):
+        p.data.add_(p.grad, alpha=-lr)
+
+    def branches(p, lr, **kwargs):
+        if p.grad.sum() > 0:
+            p.data.sub_(p.grad * lr)
+        else:
+            p.data.sub_(p.grad * (2 * lr))
+
+    def with_tensors(p, lr, **kwargs):
+        p.data.sub_(p.grad * lr)
+
+    def run(impl):
+        g = torch.Generator().manual_seed(0)
+        params = [torch.randn(4, 3, generator=g, dtype=torch.float64).requires_grad_()
+                  for _ in range(2)]
+        cb = {"item": reads_a_number, "branch": branches, "tensor": with_tensors}[form]
+        opt = oc.Optimizer(params, [cb], lr=0.1, impl=impl)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            opt.step()
+        return params, opt
+    if form == "tensor":
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*runs this chain eagerly")
+            params, opt = run("compiled")
+        assert opt._kernel("compiled").compiles and not opt._kernel("compiled").untraceable
+    else:
+        with pytest.warns(UserWarning, match=r"runs this chain eagerly .*\(4, 3\)"):
+            params, opt = run("compiled")
+        assert opt._kernel("compiled").untraceable
+    for p, q in zip(params, run("reference")[0]):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=0)
+
+
 def test_compiled_pieces_group_large_tensors_by_shape():
     """The compiled path compiles tensors of PER_TENSOR_MIN_NUMEL elements or more, by shape, at
     most CHUNK_TENSORS to a graph (repeated layers share one compiled function); smaller tensors
@@ -347,19 +393,34 @@ def test_compiled_pieces_group_large_tensors_by_shape():
 
 @pytest.mark.slow
 def test_compiled_compiles_nothing_until_the_state_exists(monkeypatch):
-    """The first step that meets a kind of piece runs every such piece eagerly (it creates the
-    state; a graph traced then would be used once): with two pieces of one shape, nothing is
-    compiled at steps 1 and 2 (new state keys), and one function at step 3, for both."""
+    """A step that meets a kind of piece without its state runs every such piece eagerly (it
+    creates the state; a graph traced then would be used once); with all the state the chain's
+    blocks declare, the kind compiles at once: with two pieces of one shape, nothing is compiled
+    at step 1 and one function at step 2, for both.  A chain that declares no state (a plain
+    callback may still make some) compiles a kind from the step after the one that met it."""
     monkeypatch.setattr(tensorlist, "PER_TENSOR_MIN_NUMEL", 1)
     monkeypatch.setattr(compiled, "CHUNK_TENSORS", 1)
-    params = [torch.randn(4, 3, dtype=torch.float64, requires_grad=True) for _ in range(2)]
-    opt = oc.Lamb(params, lr=0.01, impl="compiled")
-    chain = opt._kernel("compiled")
-    for step in (1, 2, 3):
-        for p in params:
-            p.grad = torch.ones_like(p)
-        opt.step()
-        assert len(chain.functions) == (0 if step < 3 else 1), step
+
+    def compiled_after_each_step(make, steps=3):
+        params = [torch.randn(4, 3, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+        opt = make(params)
+        counts = []
+        for _ in range(steps):
+            for p in params:
+                p.grad = torch.ones_like(p)
+            opt.step()
+            counts.append(len(opt._kernel("compiled").functions))
+        return counts
+    assert compiled_after_each_step(lambda ps: oc.Lamb(ps, lr=0.01, impl="compiled")) == \
+        [0, 1, 1]
+
+    def plain_sgd_step(p, lr, **kwargs):
+        p.data.sub_(p.grad * lr)
+    assert compiled_after_each_step(
+        lambda ps: oc.Optimizer(ps, [plain_sgd_step], lr=0.1, impl="compiled")) == [0, 1, 1]
+    sgd = [oc.sgd_step]  # a block, no state declared: compiled from step 2 as well
+    assert compiled_after_each_step(
+        lambda ps: oc.Optimizer(ps, sgd, lr=0.1, impl="compiled")) == [0, 1, 1]
 
 
 @pytest.mark.slow

@@ -26,8 +26,9 @@ What keeps it from compiling again:
   `TracedStep`, which compiles again only for inputs of a new signature (`_signature`: what
   dynamo's guards would check), and the state a step leaves keeps the signature it was traced
   for;
-* the first step that meets a kind of bucket runs it eagerly (foreach), which creates the state;
-  it is compiled from the next step on, with the state it will keep.
+* the first step runs eagerly (foreach), which creates the state; the kind of bucket that
+  holds all the state the chain's blocks declare compiles at once (at the second step), with the
+  state it will keep.
 
 What gets compiled, and in what pieces (`split_bucket`): a bucket's tensors of at least
 `tensorlist.PER_TENSOR_MIN_NUMEL` elements, grouped by shape, at most `CHUNK_TENSORS` to a graph.
@@ -61,11 +62,14 @@ from __future__ import annotations
 
 import collections.abc
 import functools
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.fx.passes.split_module import split_module
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 from torch.utils import _pytree as pytree
 
 from . import tensorlist
@@ -123,8 +127,11 @@ class CompiledChain:
         self.static = static_names(cbs)
         self.functions: dict[tuple, TracedStep] = {}
         self.first_seen: dict[tuple, int] = {}  # kind of piece -> the step that first met it
+        self.state_names = frozenset(name for cb in self.cbs
+                                     for name in getattr(unwrap_partial(cb)[0], "state_names", ()))
         self.steps = 0
         self._scalars: dict[tuple, tuple] = {}  # slot -> (0-d tensor, the value it holds)
+        self.untraceable: set[tuple] = set()  # kinds of piece run eagerly (see `Untraceable`)
 
     @property
     def compiles(self) -> int:
@@ -147,15 +154,21 @@ class CompiledChain:
                tuple(tuple(t.shape) for t in params.tensors),
                tuple(sorted(bucket.tensor_keys)), tuple(sorted((k, repr(v))
                                                                for k, v in constants.items())))
-        # The step that first meets a kind of piece runs all such pieces eagerly, however many:
-        # at the first step that creates the state, and a graph traced then (for the second
-        # piece of a shape) would hold the state's creation, used once and compiled for nothing.
-        if self.first_seen.setdefault(key, self.steps) == self.steps:
+        # A kind of piece whose state is still to be made runs eagerly, all its pieces, however
+        # many, at the step that first meets it: a graph traced then (for the second piece of a
+        # shape) would hold the state's creation, used once and compiled for nothing.  With all
+        # the state the chain's blocks declare, the kind compiles at once (a chain that declares
+        # none may still make some: it waits a step).
+        present = {*bucket.tensor_keys, *bucket.scalars}
+        complete = bool(self.state_names) and self.state_names <= present
+        if not complete and self.first_seen.setdefault(key, self.steps) == self.steps:
             return eager()
         dtype = params.tensors[0].dtype if params.tensors[0].is_floating_point() else \
             torch.float32
         device = params.tensors[0].device
         chain = self.chain_on(device)
+        if key in self.untraceable:
+            return eager()
         fn = self.functions.get(key)
         if fn is None:
             fn = self.functions[key] = TracedStep(chain)
@@ -169,8 +182,15 @@ class CompiledChain:
         after_host, given = _run_host_blocks(chain, params, values, hyper)
         given = {i: {k: self._as_tensor(f"{k}@{i}", v, dtype, device) for k, v in out.items()}
                  for i, out in given.items()}
-        result = fn(params.tensors, params.grad.tensors, {k: _plain(v) for k, v in inputs.items()},
-                    hypers, given)
+        try:
+            result = fn(params.tensors, params.grad.tensors,
+                        {k: _plain(v) for k, v in inputs.items()}, hypers, given)
+        except Untraceable as e:  # traced on fake tensors: nothing has changed yet
+            self.untraceable.add(key)
+            warnings.warn(f"impl='compiled' runs this chain eagerly (the foreach path) for "
+                          f"parameters of shapes {key[2]}: {e}. Written with tensor operations "
+                          f"(optcraft.tensorlist.where for a choice), it compiles.", stacklevel=7)
+            return eager()
         result = {k: TensorList(v) if isinstance(v, list) else v for k, v in result.items()}
         # Numeric state goes back as Python numbers, as the eager paths keep it: the host blocks'
         # own (no device read); one a device block wrote is read back.
@@ -265,6 +285,10 @@ def _given(p, result, **kwargs):
     return dict(result)
 
 
+class Untraceable(Exception):
+    """The chain cannot be one graph: its Python needs a tensor's value (see `CompiledChain`)."""
+
+
 class TracedStep:
     """The chain's step for one kind of piece as compiled code: `_bucket_step` traced to a graph
     of aten operations (`make_fx` on fake tensors, which runs the blocks' Python as Python: 0.03
@@ -339,7 +363,15 @@ class _Graph:
 
         example = [leaves[i] for i in self.inputs]
         with tensorlist.tracing() as cuts:
-            graph = make_fx(flat_step, tracing_mode="fake")(*example)
+            try:
+                graph = make_fx(flat_step, tracing_mode="fake")(*example)
+            except (GuardOnDataDependentSymNode, DataDependentOutputException,
+                    DynamicOutputShapeException) as e:
+                raise Untraceable(f"a block's Python depends on a tensor's value ({e})") from e
+        if any(node.target is torch.ops.aten._local_scalar_dense.default
+               for node in graph.graph.nodes):
+            raise Untraceable("a block reads a tensor's value as a Python number (`.item()`, "
+                              "`float(t)`, a tensor passed where a number is expected)")
         self.run, self.parts = _compiled_parts(graph, example, cuts)
 
     def __call__(self, leaves: list) -> dict[str, Any]:

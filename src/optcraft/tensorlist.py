@@ -3,13 +3,13 @@
 A building block is written once, against `TensorList`, and runs the same way on one parameter
 (a list of one) and on every parameter of a bucket at once.  Each method maps onto one
 `torch._foreach_*` call where torch has one, so `grad_avg.mul_(mom).add_(g, alpha=1-mom)` is two
-kernel launches for the whole bucket, not two per parameter (under `torch.compile`, large tensors
+kernel launches for the whole bucket, not two per parameter (compiled, large tensors
 are written one by one instead: see `_foreach`).
 
 Scalars that a block multiplies by come in three kinds, and every method accepts all of them:
 
 * a Python number (the common case: a hyperparameter);
-* a 0-d tensor (a hyperparameter under `torch.compile`, or a tensor `lr`), one value for all;
+* a 0-d tensor (a hyperparameter on the compiled path, or a tensor `lr`), one value for all;
 * a `TensorList` of 0-d tensors, one value per tensor (a per-layer norm or trust ratio).
 
 Per-tensor reductions (`norm`, `rms`, `sum`) return the third kind, which broadcasts back.
@@ -441,16 +441,16 @@ def _per_tensor(x, n):
 _SCALAR_FORMS = {"maximum": "clamp_min", "minimum": "clamp_max"}
 
 
-#: Under torch.compile, tensors of at least this many elements are computed tensor by tensor;
+#: Compiled (`compiling()`), tensors of at least this many elements are computed tensor by tensor;
 #: smaller ones stay in foreach calls (see `_foreach`).  The compiled path compiles only such
 #: tensors and runs smaller ones eagerly (`optcraft.compiled.split_bucket`).
 PER_TENSOR_MIN_NUMEL = 1 << 16
 
 
 def _foreach(name: str, tensors: list, *args, **kwargs):
-    """`torch._foreach_<name>(tensors, *args, **kwargs)`; under `torch.compile`, the same operation
-    tensor by tensor (`t.<name>(...)`, list arguments taken element by element) for the tensors of
-    `PER_TENSOR_MIN_NUMEL` elements or more.
+    """`torch._foreach_<name>(tensors, *args, **kwargs)`; compiled (`compiling()`), the same
+    operation tensor by tensor (`t.<name>(...)`, list arguments taken element by element) for the
+    tensors of `PER_TENSOR_MIN_NUMEL` elements or more.
 
     Why: inductor (torch 2.13, CPU) turns each foreach call into its own pass over memory, while
     per-tensor operations fuse into one loop per tensor: on GPT-2 small a compiled Adam step is
@@ -508,7 +508,7 @@ def _row_length(numel: int) -> int | None:
 
 
 def _blocked_norm(t: torch.Tensor, ord=2) -> torch.Tensor:
-    """`torch.linalg.vector_norm(t, ord)` for a large tensor under `torch.compile`, as the norm of
+    """`torch.linalg.vector_norm(t, ord)` for a large tensor when compiled, as the norm of
     the norms of its rows (a view of it as rows of `_row_length` elements): the same value for any
     `ord > 0`, since a sum of powers (or a max) can be regrouped.
 
@@ -551,7 +551,7 @@ def stored(t: TensorList) -> TensorList:
 
 
 def read_with_grad(p: "ParamList") -> TensorList:
-    """The parameters' values; under `torch.compile`, as `where(g == g, p, p)`, the same values
+    """The parameters' values; compiled, as `where(g == g, p, p)`, the same values
     read together with the gradient, so that a norm of them shares an input with a norm of the
     gradient or of an update made from it (LARC, LARS, LAMB, PreLAMB).
 
@@ -566,7 +566,7 @@ def read_with_grad(p: "ParamList") -> TensorList:
 
 
 def _realized(arg):
-    """Under `torch.compile`, a 0-d tensor operand (or a list of them) computed in the graph, made
+    """Compiled, a 0-d tensor operand (or a list of them) computed in the graph, made
     a buffer of its own before the loops that use it.
 
     Why: inductor's C++ code otherwise recomputes a scalar expression (Adam's `1 - mom**step`, a
