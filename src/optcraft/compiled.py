@@ -166,9 +166,9 @@ class CompiledChain:
         dtype = params.tensors[0].dtype if params.tensors[0].is_floating_point() else \
             torch.float32
         device = params.tensors[0].device
-        chain = self.chain_on(device)
         if key in self.untraceable:
             return eager()
+        chain = self.chain_on(device)
         fn = self.functions.get(key)
         if fn is None:
             fn = self.functions[key] = TracedStep(chain)
@@ -315,6 +315,7 @@ class TracedStep:
 
 
 def _signature(leaves: list) -> tuple:
+    """What a graph traced for `leaves` (the step's flattened inputs) assumes of them."""
     seen: dict[int, int] = {}
     out = []
     for x in leaves:
