@@ -161,17 +161,15 @@ class CompiledChain:
         # none may still make some: it waits a step).
         present = {*bucket.tensor_keys, *bucket.scalars}
         complete = bool(self.state_names) and self.state_names <= present
-        if not complete and self.first_seen.setdefault(key, self.steps) == self.steps:
+        if key in self.untraceable or (
+                not complete and self.first_seen.setdefault(key, self.steps) == self.steps):
             return eager()
         dtype = params.tensors[0].dtype if params.tensors[0].is_floating_point() else \
             torch.float32
         device = params.tensors[0].device
-        if key in self.untraceable:
-            return eager()
-        chain = self.chain_on(device)
         fn = self.functions.get(key)
         if fn is None:
-            fn = self.functions[key] = TracedStep(chain)
+            fn = self.functions[key] = TracedStep(self.chain_on(device))
         numbers = {k: self._as_tensor(k, v, dtype, device)
                    for k, v in {**values, **hyper}.items()
                    if k not in constants and _is_number(v)}
@@ -179,7 +177,7 @@ class CompiledChain:
         hyper_values = {k: v for k, v in hyper.items() if k not in numbers}
         inputs = {**state_values, **{k: numbers[k] for k in values if k in numbers}}
         hypers = {**hyper_values, **{k: numbers[k] for k in hyper if k in numbers}}
-        after_host, given = _run_host_blocks(chain, params, values, hyper)
+        after_host, given = _run_host_blocks(fn.cbs, fn.host, params, values, hyper)
         given = {i: {k: self._as_tensor(f"{k}@{i}", v, dtype, device) for k, v in out.items()}
                  for i, out in given.items()}
         try:
@@ -228,13 +226,13 @@ class CompiledChain:
         return t
 
 
-def _run_host_blocks(chain, params, values: dict, hyper: dict) -> tuple[dict, dict]:
-    """The chain's host blocks, in order, on the numeric state and hyperparameters: the numeric
-    state they leave, and each one's result by its place in the chain."""
+def _run_host_blocks(chain, host: Sequence[int], params, values: dict,
+                     hyper: dict) -> tuple[dict, dict]:
+    """The chain's host blocks (at the places `host` in it), in order, on the numeric state and
+    hyperparameters: the numeric state they leave, and each one's result by its place."""
     current, given = dict(values), {}
-    for i, cb in enumerate(chain):
-        if not getattr(unwrap_partial(cb)[0], "host", False):
-            continue
+    for i in host:
+        cb = chain[i]
         out = vectorised(cb)(params, **{**current, **hyper}) or {}
         if not all(_is_number(v) for v in out.values()):
             raise TypeError(f"{cb!r} is a host block but returned {out!r}: a host block returns "
@@ -301,6 +299,8 @@ class TracedStep:
 
     def __init__(self, cbs: Sequence[Callable]):
         self.cbs = list(cbs)
+        self.host = [i for i, cb in enumerate(self.cbs)  # run before the graph, in Python
+                     if getattr(unwrap_partial(cb)[0], "host", False)]
         self.graphs: dict[tuple, _Graph] = {}
         self.compiles = 0
 
