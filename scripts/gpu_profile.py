@@ -7,7 +7,7 @@ took (compiling included), the median time `step()` takes to return (the host la
 and the median time until the device has finished it, then a torch.profiler table of three steps
 (all in OUT_DIR/profiles.txt).  A step whose host time is close to its device time is bound by
 launches, not by memory.  `--chunks` runs the compiled cases once per value of
-`optcraft.compiled.CHUNK_TENSORS` (the most same-shaped tensors one graph holds).
+`optcraft.engine.compiled.CHUNK_TENSORS` (the most same-shaped tensors one graph holds).
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from optcraft import bench, compiled
+from optcraft import bench
+from optcraft.engine import compiled
 
 DEFAULT_CASES = "Adam:auto,Adam:foreach,Adam:compiled,Lamb:foreach,Lamb:compiled,SGD:compiled"
 

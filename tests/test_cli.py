@@ -283,11 +283,12 @@ def test_list_shows_every_optimizer_with_chain_state_and_paper(run_main):
     lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
     for entry in registry.entries():
         line = lines[entry.name]
-        assert f" {entry.state_memory}x " in line
+        assert f" {entry.state_bytes:.3g} B " in line
         assert entry.chain[-1] in line
         assert entry.paper in line
-    assert "adam_step" in lines["Adam"] and " 2x " in lines["Adam"]
-    assert "Lookahead" in lines["ranger"] and " 3x " in lines["ranger"]
+    # float32 state: Adam's two moments, and ranger's (RAdam's two and Lookahead's slow weights)
+    assert "adam_step" in lines["Adam"] and " 8 B " in lines["Adam"]
+    assert "Lookahead" in lines["ranger"] and " 12 B " in lines["ranger"]
 
 
 def test_show_one_optimizer(run_main):
@@ -296,7 +297,7 @@ def test_show_one_optimizer(run_main):
     assert out.startswith("Adam: ")
     assert "weight_decay > average_grad(dampening=True) > average_sqr_grad > step_stat > " \
            "adam_step" in out
-    assert "2x (grad_avg, sqr_avg)" in out
+    assert "8 B, 2x parameter-sized (grad_avg, sqr_avg)" in out
     assert "arXiv:1412.6980" in out
     assert "mom=0.9, sqr_mom=0.99, eps=1e-05, wd=0.01" in out
 

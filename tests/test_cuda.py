@@ -15,7 +15,7 @@ from optcraft import registry
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-# Small tensors and one of 70,400 elements: past `tensorlist.PER_TENSOR_MIN_NUMEL`, so the
+# Small tensors and one of 70,400 elements: past `compiler_hints.PER_TENSOR_MIN_NUMEL`, so the
 # compiled path compiles it (norms by rows included) and runs the others on the foreach path.
 SHAPES = [(6, 5), (5,), (3, 4, 2), (275, 256), (7,), ()]
 STEPS = 12

@@ -14,7 +14,9 @@ import pytest
 import torch
 
 import optcraft as oc
-from optcraft import compiled, engine, schedules, tensorlist
+from optcraft import compiler_hints, engine, schedules, tensorlist
+from optcraft.blocks.base import callback_name
+from optcraft.engine import chain as engine_chain, compiled
 from optcraft.tensorlist import TensorList
 
 OPTIMIZERS = {
@@ -86,19 +88,19 @@ def test_eager_paths_give_the_reference_numbers(name, impl):
 def test_sliced_blocks_give_the_reference_numbers(name, monkeypatch):
     """Elementwise blocks run on slices of 7 elements (GPT-2's tensors get slices of 2**20): the
     slices cross tensor boundaries in a batch, the 0-d parameter rides with the others."""
-    monkeypatch.setattr(engine, "SLICE_NUMEL", 7)
+    monkeypatch.setattr(engine.ForeachPath, "slice_numel", 7)
     calls = []
-    monkeypatch.setattr(engine, "_run_sliced",
-                        lambda *a, real=engine._run_sliced: (calls.append(1), real(*a))[1])
+    monkeypatch.setattr(engine_chain, "run_sliced",
+                        lambda *a, real=engine_chain.run_sliced: (calls.append(1), real(*a))[1])
     assert_same_run(train(name, "foreach"), train(name, "reference"))
-    if name not in ("SGD", "SGD-momentum", "SGD-momentum-l2", "Larc", "Lars", "Lamb"):
-        assert calls  # (chains of one-operation blocks and of per-tensor norms are not sliced)
+    if name not in ("Larc", "Lars", "Lamb"):
+        assert calls  # (chains of per-tensor norms are not sliced)
 
 
 def test_sliced_blocks_on_master_weights_and_complex_parameters(monkeypatch):
     """bfloat16 parameters step on float32 master copies and complex ones as real views: both
     run on slices like any other, with the reference path's numbers."""
-    monkeypatch.setattr(engine, "SLICE_NUMEL", 7)
+    monkeypatch.setattr(engine.ForeachPath, "slice_numel", 7)
 
     def run(impl):
         g = torch.Generator().manual_seed(0)
@@ -112,8 +114,8 @@ def test_sliced_blocks_on_master_weights_and_complex_parameters(monkeypatch):
             opt.step()
         return params, opt
     calls = []
-    monkeypatch.setattr(engine, "_run_sliced",
-                        lambda *a, real=engine._run_sliced: (calls.append(1), real(*a))[1])
+    monkeypatch.setattr(engine_chain, "run_sliced",
+                        lambda *a, real=engine_chain.run_sliced: (calls.append(1), real(*a))[1])
     (params, opt), (ref, _) = run("foreach"), run("reference")
     assert calls
     for p, q in zip(params, ref):
@@ -121,10 +123,10 @@ def test_sliced_blocks_on_master_weights_and_complex_parameters(monkeypatch):
 
 
 def test_what_runs_on_slices(monkeypatch):
-    """Only an elementwise block, on plain contiguous tensors with its state already there, with
-    no per-parameter values from a plain callback; and only where a tensor is larger than a
-    slice."""
-    from optcraft.blocks import average_sqr_grad, sgd_step
+    """Only a block that reads elements, on plain contiguous tensors with its state already
+    there, with no per-parameter values from a plain callback; and only where a tensor is larger
+    than a slice."""
+    from optcraft.blocks import PerParam, average_sqr_grad, l2_reg
 
     def bucket(*shapes, transpose=False):
         ts = [torch.ones(s) for s in shapes]
@@ -134,29 +136,29 @@ def test_what_runs_on_slices(monkeypatch):
     params = bucket((4, 5), (3,))
     state = {"sqr_avg": TensorList([torch.zeros(4, 5), torch.zeros(3)])}
     hyper = {"sqr_mom": 0.9}
-    assert engine._sliceable(average_sqr_grad, params, state, hyper)
-    assert not engine._sliceable(sgd_step, params, state, hyper)  # one operation: not declared
-    assert not engine._sliceable(average_sqr_grad, params, {}, hyper)  # state not made yet
-    assert not engine._sliceable(average_sqr_grad, bucket((5, 4), (3,), transpose=True),
-                                 state, hyper)
-    assert not engine._sliceable(average_sqr_grad, params,
-                                 {**state, "tag": engine.PerParam([1, 2])}, hyper)
+    assert engine_chain.sliceable(average_sqr_grad, params, state, hyper)
+    assert not engine_chain.sliceable(l2_reg, params, state, hyper)  # replaces the gradient
+    assert not engine_chain.sliceable(average_sqr_grad, params, {}, hyper)  # state not made yet
+    assert not engine_chain.sliceable(average_sqr_grad, bucket((5, 4), (3,), transpose=True),
+                                      state, hyper)
+    assert not engine_chain.sliceable(average_sqr_grad, params,
+                                      {**state, "tag": PerParam([1, 2])}, hyper)
     # nothing larger than a slice: the chain runs whole, no block is asked
     calls = []
-    real = engine._sliceable
-    monkeypatch.setattr(engine, "_sliceable", lambda *a: calls.append(1) or real(*a))
-    engine.apply_chain([average_sqr_grad], params, state, hyper, slice_numel=20)
+    real = engine_chain.sliceable
+    monkeypatch.setattr(engine_chain, "sliceable", lambda *a: calls.append(1) or real(*a))
+    engine_chain.apply([average_sqr_grad], params, state, hyper, slice_numel=20)
     assert not calls
-    engine.apply_chain([average_sqr_grad], params, state, hyper, slice_numel=7)
+    engine_chain.apply([average_sqr_grad], params, state, hyper, slice_numel=7)
     assert calls
 
 
 def test_a_block_misdeclared_elementwise_is_refused(monkeypatch):
     """A block that returns new state tensors cannot run on slices: the engine says so rather
     than keep slices as state."""
-    monkeypatch.setattr(engine, "SLICE_NUMEL", 7)
+    monkeypatch.setattr(engine.ForeachPath, "slice_numel", 7)
 
-    @oc.block(state=("buf",), elementwise=True)
+    @oc.block(state=dict(buf=oc.blocks.like_param), reads="elements")
     def copying(p, buf=None, **kwargs):
         return {"buf": p.grad.clone() if buf is None else buf.add(p.grad)}
     params = make_params()
@@ -164,7 +166,7 @@ def test_a_block_misdeclared_elementwise_is_refused(monkeypatch):
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step()  # creates the state: whole tensors
-    with pytest.raises(RuntimeError, match="declared elementwise but .* new state tensors"):
+    with pytest.raises(RuntimeError, match="declared to read elements but .* new state tensors"):
         opt.step()
 
 
@@ -173,12 +175,12 @@ def test_a_block_misdeclared_elementwise_is_refused(monkeypatch):
 def test_compiled_path_gives_the_reference_numbers(name, monkeypatch):
     # Parameters of 10 elements or more are compiled, smaller ones run on the foreach path (the
     # split that big models get at 65536 elements).
-    monkeypatch.setattr(tensorlist, "PER_TENSOR_MIN_NUMEL", 10)
+    monkeypatch.setattr(compiler_hints, "PER_TENSOR_MIN_NUMEL", 10)
     params, opt = train(name, "compiled")
     assert_same_run((params, opt), train(name, "reference"))
     # each kind of piece was traced once: what a step leaves for the next (its state) has the
     # signature the graph was traced for
-    functions = getattr(opt, "opt", opt)._kernel("compiled").functions
+    functions = getattr(opt, "opt", opt).path.functions
     assert functions and all(len(fn.graphs) == 1 for fn in functions.values())
 
 
@@ -189,7 +191,7 @@ def test_compiled_path_on_a_torch_without_standalone_compile(name, monkeypatch):
     parts) go through `torch.compile`: the same numbers."""
     import torch._inductor
     monkeypatch.delattr(torch._inductor, "standalone_compile")
-    monkeypatch.setattr(tensorlist, "PER_TENSOR_MIN_NUMEL", 10)
+    monkeypatch.setattr(compiler_hints, "PER_TENSOR_MIN_NUMEL", 10)
     calls = []
     original = torch.compile
     monkeypatch.setattr(torch, "compile", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -201,7 +203,7 @@ def test_compiled_path_on_a_torch_without_standalone_compile(name, monkeypatch):
 def test_auto_is_fused_exactly_for_torchs_kernels(name):
     opt = OPTIMIZERS[name](make_params(), "auto")
     inner = getattr(opt, "opt", opt)
-    assert engine.resolve("auto", inner.cbs) == ("fused" if name in FUSABLE else "foreach")
+    assert engine.resolve("auto", inner.chain) == ("fused" if name in FUSABLE else "foreach")
 
 
 def test_fused_runs_torchs_kernel(monkeypatch):
@@ -258,14 +260,13 @@ def test_checkpoints_move_between_paths(first, second):
 
 def test_foreach_buckets_stay_below_the_largest_parameter():
     """The eager foreach path splits a group into buckets no bigger than its largest parameter
-    (or engine.MIN_CHUNK_NUMEL), so a block's temporaries never span the whole model."""
-    big = engine.MIN_CHUNK_NUMEL
+    (or foreach.MIN_CHUNK_NUMEL), so a block's temporaries never span the whole model."""
+    big = engine.foreach.MIN_CHUNK_NUMEL
     params = [torch.zeros(big // 2, requires_grad=True) for _ in range(5)] + \
         [torch.zeros(big, requires_grad=True)]
     for p in params:
         p.grad = torch.ones_like(p)
-    group = {"params": params}
-    buckets = engine.make_buckets(group, {}, max_numel=big)
+    buckets = engine.ForeachPath(engine.Chain([oc.sgd_step])).buckets(params, {})
     assert [len(b.params) for b in buckets] == [2, 2, 1, 1]
     assert max(sum(p.numel() for p in b.params) for b in buckets) <= big
 
@@ -274,7 +275,7 @@ def test_foreach_buckets_stay_below_the_largest_parameter():
 def test_compiled_never_recompiles_while_schedules_change_lr_and_mom(monkeypatch):
     """Hyperparameters enter the graph as tensors: 200 steps with lr and mom changing every step
     compile once per kind of bucket and never again."""
-    monkeypatch.setattr(tensorlist, "PER_TENSOR_MIN_NUMEL", 1)  # compile every tensor
+    monkeypatch.setattr(compiler_hints, "PER_TENSOR_MIN_NUMEL", 1)  # compile every tensor
 
     def run(impl):
         params = make_params()
@@ -289,12 +290,12 @@ def test_compiled_never_recompiles_while_schedules_change_lr_and_mom(monkeypatch
         for _ in range(3):  # steps 1 and 2 meet new kinds of bucket (no state, then state): eager
             step()
         lrs = set()
-        compiles = opt._kernel(impl).compiles if impl == "compiled" else None
+        compiles = opt.path.compiles if impl == "compiled" else None
         for _ in range(197):
             step()
             lrs.add(opt.param_groups[0]["lr"])
         if impl == "compiled":
-            assert compiles > 0 and opt._kernel(impl).compiles == compiles
+            assert compiles > 0 and opt.path.compiles == compiles
         assert len(lrs) == 197
         assert opt.param_groups[0]["mom"] == pytest.approx(0.85, abs=1e-3)
         return params, opt
@@ -308,7 +309,7 @@ def test_compiled_traces_each_kind_of_piece_once(monkeypatch):
     """The state a step leaves has the signature its graph was traced for: BAdam's per-tensor
     scalars, views of one vector after the eager first step, are separate tensors after a
     compiled one, and that is no new signature (a piece of four tensors of one shape)."""
-    monkeypatch.setattr(tensorlist, "PER_TENSOR_MIN_NUMEL", 10)
+    monkeypatch.setattr(compiler_hints, "PER_TENSOR_MIN_NUMEL", 10)
     g = torch.Generator().manual_seed(0)
     params = [torch.randn(8, 16, generator=g).requires_grad_() for _ in range(4)]
     opt = oc.BAdam(params, lr=0.01, impl="compiled")
@@ -316,7 +317,7 @@ def test_compiled_traces_each_kind_of_piece_once(monkeypatch):
         for p in params:
             p.grad = torch.randn(p.shape, generator=g)
         opt.step()
-    (function,) = opt._kernel("compiled").functions.values()
+    (function,) = opt.path.functions.values()
     assert len(function.graphs) == 1 and function.compiles == 1
 
 
@@ -327,7 +328,7 @@ def test_compiled_runs_eagerly_a_chain_that_reads_tensor_values(form, monkeypatc
     as the compiled path passes it; an `if` on a tensor) cannot be one graph: the compiled path
     says so in a warning naming the shapes, runs those pieces on the foreach path, and gives the
     reference path's numbers; a callback written with tensor operations compiles."""
-    monkeypatch.setattr(tensorlist, "PER_TENSOR_MIN_NUMEL", 1)
+    monkeypatch.setattr(compiler_hints, "PER_TENSOR_MIN_NUMEL", 1)
 
     def reads_a_number(p, lr, **kwargs):
         p.data.add_(p.grad, alpha=-lr)
@@ -356,11 +357,11 @@ def test_compiled_runs_eagerly_a_chain_that_reads_tensor_values(form, monkeypatc
         with warnings.catch_warnings():
             warnings.filterwarnings("error", message=".*runs this chain eagerly")
             params, opt = run("compiled")
-        assert opt._kernel("compiled").compiles and not opt._kernel("compiled").untraceable
+        assert opt.path.compiles and not opt.path.untraceable
     else:
         with pytest.warns(UserWarning, match=r"runs this chain eagerly .*\(4, 3\)"):
             params, opt = run("compiled")
-        assert opt._kernel("compiled").untraceable
+        assert opt.path.untraceable
     for p, q in zip(params, run("reference")[0]):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=0)
 
@@ -369,13 +370,13 @@ def test_compiled_pieces_group_large_tensors_by_shape():
     """The compiled path compiles tensors of PER_TENSOR_MIN_NUMEL elements or more, by shape, at
     most CHUNK_TENSORS to a graph (repeated layers share one compiled function); smaller tensors
     run on the foreach path, in pieces no bigger than that path's buckets."""
-    big = tensorlist.PER_TENSOR_MIN_NUMEL
+    big = compiler_hints.PER_TENSOR_MIN_NUMEL
+    path = engine.CompiledPath(engine.Chain([oc.sgd_step]))
     shapes = [(big,), (3,), (2, big), (big,), (5,), (big,), (big,), (big,), (2, big)]
     params = [torch.zeros(s, requires_grad=True) for s in shapes]
     for p in params:
         p.grad = torch.ones_like(p)
-    (bucket,) = engine.make_buckets({"params": params}, {})
-    pieces = compiled.split_bucket(bucket)
+    pieces = path.buckets(params, {})
     assert compiled.CHUNK_TENSORS == 4
     index = {id(p): i for i, p in enumerate(params)}
     assert [[index[id(p)] for p in piece.params] for piece in pieces] == \
@@ -386,9 +387,8 @@ def test_compiled_pieces_group_large_tensors_by_shape():
     many = [torch.zeros(big - 1, requires_grad=True) for _ in range(40)]
     for p in many:
         p.grad = torch.ones_like(p)
-    (bucket,) = engine.make_buckets({"params": many}, {})
-    sizes = [sum(p.numel() for p in piece.params) for piece in compiled.split_bucket(bucket)]
-    assert sum(sizes) == 40 * (big - 1) and max(sizes) <= engine.MIN_CHUNK_NUMEL < 40 * big
+    sizes = [sum(p.numel() for p in piece.params) for piece in path.buckets(many, {})]
+    assert sum(sizes) == 40 * (big - 1) and max(sizes) <= engine.foreach.MIN_CHUNK_NUMEL < 40 * big
 
 
 @pytest.mark.slow
@@ -398,7 +398,7 @@ def test_compiled_compiles_nothing_until_the_state_exists(monkeypatch):
     blocks declare, the kind compiles at once: with two pieces of one shape, nothing is compiled
     at step 1 and one function at step 2, for both.  A chain that declares no state (a plain
     callback may still make some) compiles a kind from the step after the one that met it."""
-    monkeypatch.setattr(tensorlist, "PER_TENSOR_MIN_NUMEL", 1)
+    monkeypatch.setattr(compiler_hints, "PER_TENSOR_MIN_NUMEL", 1)
     monkeypatch.setattr(compiled, "CHUNK_TENSORS", 1)
 
     def compiled_after_each_step(make, steps=3):
@@ -409,7 +409,7 @@ def test_compiled_compiles_nothing_until_the_state_exists(monkeypatch):
             for p in params:
                 p.grad = torch.ones_like(p)
             opt.step()
-            counts.append(len(opt._kernel("compiled").functions))
+            counts.append(len(opt.path.functions))
         return counts
     assert compiled_after_each_step(lambda ps: oc.Lamb(ps, lr=0.01, impl="compiled")) == \
         [0, 1, 1]
@@ -428,7 +428,7 @@ def test_compiled_step_reads_nothing_back_from_its_graphs(monkeypatch):
     """The step count is a host block's: the compiled path counts it in Python and hands it to the
     graph, so a step reads no number back from the device (on a GPU, `.item()` would wait for the
     piece's kernels), and the count is the same Python int the eager paths keep."""
-    monkeypatch.setattr(tensorlist, "PER_TENSOR_MIN_NUMEL", 1)
+    monkeypatch.setattr(compiler_hints, "PER_TENSOR_MIN_NUMEL", 1)
 
     def run(impl, patch_last=False):
         params, opt = train("Adam", impl, steps=4)
@@ -437,7 +437,7 @@ def test_compiled_step_reads_nothing_back_from_its_graphs(monkeypatch):
                 p.grad = torch.ones_like(p)
             with monkeypatch.context() as patch:
                 if patch_last and i == 4:
-                    assert opt._kernel("compiled").functions
+                    assert opt.path.functions
                     patch.setattr(compiled, "_read_back", lambda *a, **k: pytest.fail("read"))
                 opt.step()
         return params, opt
@@ -451,7 +451,7 @@ def test_compiled_leaves_small_tensors_to_foreach(monkeypatch):
     monkeypatch.setattr(compiled, "_inductor_compile",
                         lambda *a, **k: pytest.fail("compiled a small bucket"))
     params, opt = train("Lamb", "compiled", steps=4)
-    assert not opt._kernel("compiled").functions
+    assert not opt.path.functions
 
 
 @pytest.mark.parametrize("shape", [(64, 96), (3, 4096), (5000,), (4099,), (96, 64, 2)])
@@ -464,7 +464,7 @@ def test_blocked_norm_is_the_norm(shape, ord):
     if len(shape) == 3:
         t = t.transpose(0, 1)
     expected = torch.linalg.vector_norm(t, ord)
-    torch.testing.assert_close(tensorlist._blocked_norm(t, ord), expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(compiler_hints.blocked_norm(t, ord), expected, rtol=1e-12, atol=0)
 
 
 def test_eager_lamb_computes_its_update_once(monkeypatch):
@@ -472,8 +472,8 @@ def test_eager_lamb_computes_its_update_once(monkeypatch):
     again (one parameter-sized direction per bucket and step)."""
     from optcraft.blocks import layerwise
     calls = []
-    original = layerwise._lamb_direction
-    monkeypatch.setattr(layerwise, "_lamb_direction",
+    original = layerwise.lamb_direction
+    monkeypatch.setattr(layerwise, "lamb_direction",
                         lambda *a, **k: calls.append(1) or original(*a, **k))
     params = [torch.randn(3, 4, requires_grad=True) for _ in range(2)]
     opt = oc.Lamb(params, lr=0.01, impl="foreach")
@@ -483,19 +483,24 @@ def test_eager_lamb_computes_its_update_once(monkeypatch):
     assert len(calls) == 1
 
 
-def test_chains_are_cut_after_blocks_that_end_a_graph():
-    """On a CPU the compiled path traces a chain with a cut after each block declared
-    `ends_graph` (LAMB's trust ratio) unless it is the last; on a GPU the chain is traced whole."""
+def test_compiled_path_runs_lamb_trust_ratio_in_its_own_form_and_cuts_after_it():
+    """The compiled path runs LAMB's trust ratio in a form of its own (the ratio alone handed on,
+    its moments read as stored) and, on a CPU, cuts the graph after it unless it is the last
+    block; on a GPU the chain is traced whole."""
     lamb = oc.Lamb([torch.zeros(2, requires_grad=True)], lr=0.1).cbs
-    cpu = torch.device("cpu")
-    assert compiled.CompiledChain(lamb).chain_on(cpu) == lamb[:5] + [compiled.cut] + lamb[5:]
-    assert compiled.CompiledChain(lamb[:-1]).chain_on(cpu) == lamb[:-1]
+    names = lambda cbs: [callback_name(cb) for cb in cbs]  # noqa: E731
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    on = engine.CompiledPath.chain_on
+    assert names(on(lamb, cpu)) == names(lamb[:4]) + ["lamb_trust_ratio_stored", "cut",
+                                                      "lamb_step"]
+    assert names(on(lamb[:-1], cpu)) == names(lamb[:4]) + ["lamb_trust_ratio_stored"]
     sgd = [oc.average_grad, oc.sgd_step]
-    assert compiled.CompiledChain(sgd).chain_on(cpu) == sgd
+    assert on(sgd, cpu) == sgd
     one, two = oc.blocks.lamb_blocks(norm="l2")
-    assert compiled.CompiledChain([one, one, two]).chain_on(cpu) == \
-        [one, compiled.cut, one, compiled.cut, two]
-    assert compiled.CompiledChain(lamb).chain_on(torch.device("cuda", 0)) == lamb
+    assert names(on([one, one, two], cpu)) == [
+        "lamb_trust_ratio_stored(norm='l2')", "cut", "lamb_trust_ratio_stored(norm='l2')", "cut",
+        "lamb_step(norm='l2')"]
+    assert names(on(lamb, gpu)) == names(lamb[:4]) + ["lamb_trust_ratio_stored", "lamb_step"]
 
 
 @pytest.mark.slow
@@ -505,7 +510,7 @@ def test_compiled_per_channel_blocks_give_the_reference_numbers(name, monkeypatc
     the result end the graph between the two (`research._end_graph`): one graph holding both
     fails in torch 2.13's CPU code generation (a KeyError), even for a weight of 8x4x3x3.
     Compiled, the step is cut there, and gives the reference path's numbers over 10 steps."""
-    monkeypatch.setattr(tensorlist, "PER_TENSOR_MIN_NUMEL", 10)
+    monkeypatch.setattr(compiler_hints, "PER_TENSOR_MIN_NUMEL", 10)
     make = {"AdamGC": oc.AdamGC, "StableAdam": oc.StableAdam, "AdamAWD": oc.AdamAWD}[name]
 
     def run(impl):
@@ -520,7 +525,7 @@ def test_compiled_per_channel_blocks_give_the_reference_numbers(name, monkeypatc
         return params, opt
     a, b = run("compiled"), run("reference")
     assert_same_run(a, b)
-    chain = a[1]._kernel("compiled")
+    chain = a[1].path
     graphs = [graph for fn in chain.functions.values() for graph in fn.graphs.values()]
     assert {graph.parts for graph in graphs} == {1, 2}  # the conv weights cut; (6, 5) not
 
@@ -532,7 +537,7 @@ def test_compiled_lamb_on_large_tensors_gives_the_reference_numbers(chain, monke
     scalars made buffers (`_realized`), compiled: the reference path's numbers over 10 steps.
     Lamb runs in two graphs, its trust ratio's norms flat and the moments read as stored; its
     `lamb_step` alone in one graph, with the norms over rows."""
-    monkeypatch.setattr(tensorlist, "PER_TENSOR_MIN_NUMEL", 10)
+    monkeypatch.setattr(compiler_hints, "PER_TENSOR_MIN_NUMEL", 10)
 
     def run(impl):
         g = torch.Generator().manual_seed(0)
@@ -550,6 +555,6 @@ def test_compiled_lamb_on_large_tensors_gives_the_reference_numbers(chain, monke
         for k, v in ref_opt.state[q].items():
             if isinstance(v, torch.Tensor):
                 torch.testing.assert_close(opt.state[p][k], v, rtol=1e-6, atol=1e-10)
-    (function,) = opt._kernel("compiled").functions.values()  # one kind of piece, compiled
+    (function,) = opt.path.functions.values()  # one kind of piece, compiled
     (graph,) = function.graphs.values()
     assert graph.parts == (2 if chain == "Lamb" else 1)

@@ -326,7 +326,7 @@ def _impl_cases():
 def test_per_parameter_flags_inside_one_group_on_every_path(name, impl, monkeypatch):
     make, reference, keys, kw = FLAGGED[name]
     if impl == "foreach-sliced":  # elementwise blocks on slices of 5 elements
-        monkeypatch.setattr(engine, "SLICE_NUMEL", 5)
+        monkeypatch.setattr(engine.ForeachPath, "slice_numel", 5)
         impl = "foreach"
     if impl == "fused" and name not in FUSED_CHAINS:
         with pytest.raises(ValueError, match="no fused kernel"):

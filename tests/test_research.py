@@ -263,9 +263,9 @@ def cases_and_impls():
 def test_research_optimizers_match_the_notebooks_formulas(name, impl, monkeypatch):
     _, step, hypers = CASES[name]
     # compiled: the conv weights and the wide one compiled, the rest on the foreach path
-    monkeypatch.setattr(oc.tensorlist, "PER_TENSOR_MIN_NUMEL", 100)
+    monkeypatch.setattr(oc.compiler_hints, "PER_TENSOR_MIN_NUMEL", 100)
     if impl == "foreach-sliced":  # elementwise blocks on slices of 50 elements
-        monkeypatch.setattr(engine, "SLICE_NUMEL", 50)
+        monkeypatch.setattr(engine.ForeachPath, "slice_numel", 50)
         impl = "foreach"
     if impl == "fused":
         with pytest.raises(ValueError, match="no fused kernel"):
@@ -273,7 +273,7 @@ def test_research_optimizers_match_the_notebooks_formulas(name, impl, monkeypatc
         return
     ours, opt = run_optcraft(factory_of(name), impl)
     if impl == "compiled":  # each kind of piece traced once (its state keeps its signature)
-        functions = opt._kernel("compiled").functions
+        functions = opt.path.functions
         assert functions and all(len(fn.graphs) == 1 for fn in functions.values())
     expected = run_reference(step, hypers)
     for i, (a, b) in enumerate(zip(ours, expected)):
@@ -292,7 +292,6 @@ def _log1pexp_reference(y: float) -> float:
                          ids=["eager", "compiled"])
 @pytest.mark.parametrize("nonnegative", [False, True], ids=["any-sign", "nonnegative"])
 def test_log1pexp_is_the_softplus_without_its_scale(compiled, nonnegative):
-    from optcraft.blocks.steps import log1pexp
     from optcraft.tensorlist import TensorList
 
     ys = [0.0, 1e-12, 1e-3, 0.5, 1.0, 5.0, 19.9, 20.1, 40.0, 300.0, 1e4]
@@ -301,7 +300,7 @@ def test_log1pexp_is_the_softplus_without_its_scale(compiled, nonnegative):
     # float64: the eager kernel is torch's softplus (linear above 20), the compiled one has no
     # threshold; both must be within 1e-9 of log(1 + e^y) relative to it
     y = torch.tensor(ys, dtype=torch.float64)
-    fn = (lambda t: log1pexp(TensorList([t.clone()]), nonnegative).tensors[0])
+    fn = (lambda t: TensorList([t.clone()]).log1pexp(nonnegative).tensors[0])
     run = torch.compile(fn, fullgraph=True) if compiled else fn
     got = run(y)
     expected = torch.tensor([_log1pexp_reference(v) for v in ys], dtype=torch.float64)
@@ -317,7 +316,7 @@ def test_log1p_unit_is_log1p_on_the_unit_interval(compiled):
     """`log1p_unit` (log1pexp's logarithm of 1 + exp(-|y|)): in float32, within 2.5e-7 of
     log1p relative to it over [0, 1] (a dense grid and values down to 1e-37), 0 at 0; in float64,
     torch's own log1p."""
-    from optcraft.blocks.steps import log1p_unit
+    from optcraft.compiler_hints import log1p_unit
 
     e = torch.cat([torch.linspace(0, 1, 100_001, dtype=torch.float64),
                    torch.logspace(-37, -1, 361, dtype=torch.float64)])

@@ -8,7 +8,7 @@ from .blocks import (adam_step, average_grad, average_sqr_grad, block, debias, l
                      radam_step, rms_prop_step, sgd_step, step_stat, weight_decay)
 from .blocks import (centralize_grad, keep_param, last_update, lion_step, nesterov_step,
                      record_channel_rms, restore_channel_rms)
-from . import blocks, groups, optax, predicates, schedules, transforms
+from . import blocks, compiler_hints, engine, groups, optax, predicates, schedules, tensorlist, transforms
 from .groups import param_groups
 from .optimizer import Optimizer
 from .optimizers.classic import QHAdam, RAdam, RMSProp, SGD, Adam, Lamb, Larc, ranger
@@ -16,6 +16,7 @@ from .optimizers.research import (LAMB, UM, AdamAWD, AdamGC, BAdam, DuvAdam, Pre
                                   SRAdam, StableAdam, SUAdam, record_updates, with_blocks)
 from .plots import plot_radam_rectifier
 from .predicates import by_name, by_ndim, conv_not_cinEq256_coutLt256, conv_weight
+from .routing import Part, part, route
 from .tensorlist import ParamList, TensorList
 from .transforms import (Transformed, accumulate, adaptive_clip, clip_by_global_norm,
                          skip_nonfinite)
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Optimizer", "OptimWrapper", "Lookahead", "TensorList", "ParamList", "block",
+    "route", "part", "Part",
     "SGD", "RMSProp", "Adam", "RAdam", "QHAdam", "Larc", "Lamb", "ranger",
     "sgd_step", "weight_decay", "l2_reg", "average_grad", "average_sqr_grad", "momentum_step",
     "rms_prop_step", "step_stat", "debias", "adam_step", "radam_step", "qhadam_step",

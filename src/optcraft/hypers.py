@@ -7,6 +7,7 @@ and the accepted range, and the `ParamGroup` dict that lets torch code read and 
 """
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from typing import Any, Iterable, Mapping, MutableMapping
@@ -104,9 +105,10 @@ class ParamGroup(dict):
 
 
 class HyperView(MutableMapping):
-    """fastai's `hypers[i]`: a live view of param group i without its 'params'."""
+    """fastai's `hypers[i]`: a live view of param group i without its 'params' (nor its names,
+    its chain, its own state)."""
 
-    _hidden = ("params", "param_names")
+    _hidden = ("params", "param_names", "chain", "group_state")
 
     def __init__(self, group: dict):
         self._group = group
@@ -244,36 +246,25 @@ def current_value(value, step: int):
 
 def validate_group(values: Mapping[str, Any], group: int | None = None) -> None:
     for name, value in values.items():
-        if name not in ("params", "param_names"):
+        if name not in HyperView._hidden:
             validate(name, value, group)
 
 
-def merge_defaults(cbs: Iterable, overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """fastai's rule: each callback's `defaults`, in chain order, then the keyword arguments."""
-    merged: dict[str, Any] = {}
-    for cb in cbs:
-        merged.update(defaults_of(cb))
-    merged.update(overrides)
-    return merged
-
-
-def defaults_of(cb) -> dict[str, Any]:
-    """A callback's `defaults` (looking through functools.partial, whose bound keywords win)."""
-    func, bound = cb, {}
-    while hasattr(func, "func") and hasattr(func, "keywords"):
-        bound = {**func.keywords, **bound}
-        func = func.func
-    found = getattr(cb, "defaults", None) or getattr(func, "defaults", None) or {}
-    return {k: v for k, v in found.items() if k not in bound}
+#: Keyword arguments of a recipe that choose how it runs, not what it computes.
+EXECUTION_KEYWORDS = ("impl", "master_weights")
 
 
 def torch_names(recipe):
-    """Let a named optimizer take torch's names (`betas`, `momentum`, `weight_decay`) as well as
-    fastai's; giving both spellings of one hyperparameter raises ValueError."""
+    """Make `recipe` a named optimizer: it takes torch's names (`betas`, `momentum`,
+    `weight_decay`) as well as fastai's (giving both spellings of one hyperparameter raises
+    ValueError), and the arguments it turns into its chain rather than into hyperparameters
+    (`decouple_wd`, Larc's `clip`, a predicate) are fixed: given in a group dict, by `set_hyper`
+    or in `add_param_group` they are refused with an error that says so, instead of being stored
+    and silently ignored.  The optimizer records them as `fixed_args`."""
     import functools
-    import inspect
 
     signature = inspect.signature(recipe)
+    first = next(iter(signature.parameters))
 
     @functools.wraps(recipe)
     def call(*args, **kwargs):
@@ -287,6 +278,60 @@ def torch_names(recipe):
                     raise ValueError(f"{recipe.__name__}: both {torch_name!r} (torch's name) and "
                                      f"{name!r} were given; they are the same hyperparameter")
             kwargs.update(translated)
-        return recipe(*args, **kwargs)
+        bound = signature.bind_partial(*args, **kwargs)
+        params = bound.arguments.get(first)
+        groups = []
+        if params is not None and not isinstance(params, (torch.Tensor, dict)):
+            params = bound.arguments[first] = list(params)  # read twice: a generator would not be
+            groups = [g for g in params if isinstance(g, dict)]
+        fixed = None
+        if groups:
+            fixed = _fixed_arguments(recipe, signature, bound)
+            for i, group in enumerate(groups):
+                for k in canonical_names(group, f"parameter group {i}: "):
+                    if k in fixed:
+                        raise ValueError(fixed_message(recipe.__name__, k, f"parameter group {i}"))
+        opt = recipe(*bound.args, **bound.kwargs)
+        inner = _inner(opt)
+        if hasattr(inner, "chains"):
+            hypers = {k for g in inner.param_groups for k in g}
+            inner.fixed_args = fixed if fixed is not None else \
+                {k: v for k, v in _arguments(signature, bound).items() if k not in hypers}
+            inner.recipe_name = recipe.__name__
+        return opt
 
     return call
+
+
+def _inner(opt):
+    """The optimizer that runs the chain, inside wrappers such as Lookahead."""
+    while not hasattr(opt, "chains") and hasattr(opt, "opt"):
+        opt = opt.opt
+    return opt
+
+
+def _arguments(signature, bound) -> dict:
+    """A recipe's arguments (with their defaults) but its parameters and execution switches."""
+    bound = signature.bind_partial(*bound.args, **bound.kwargs)
+    bound.apply_defaults()
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return {name: bound.arguments[name] for name, param in list(signature.parameters.items())[1:]
+            if name not in EXECUTION_KEYWORDS and param.kind not in variadic
+            and name in bound.arguments}
+
+
+def _fixed_arguments(recipe, signature, bound) -> dict:
+    """The arguments a recipe turns into its chain rather than into hyperparameters: those not
+    found in the param groups of the optimizer it builds (on a probe parameter, with the same
+    arguments)."""
+    probe = signature.bind_partial(*bound.args, **bound.kwargs)
+    probe.arguments[next(iter(signature.parameters))] = [torch.zeros(1, requires_grad=True)]
+    inner = _inner(recipe(*probe.args, **probe.kwargs))
+    hypers = {k for g in inner.param_groups for k in g}
+    return {k: v for k, v in _arguments(signature, bound).items() if k not in hypers}
+
+
+def fixed_message(recipe: str, name: str, where: str) -> str:
+    return (f"{where}: {name!r} chooses {recipe}'s chain of blocks when the optimizer is built; "
+            f"it cannot be given per group or changed later (build the optimizer with "
+            f"{name}=... instead)")

@@ -1,6 +1,7 @@
-"""`Optimizer`: a real `torch.optim.Optimizer` whose algorithm is a chain of building blocks, with
-fastai's API (`hypers`, `param_lists`, `set_hyper`, `freeze_to`, `clear_state`) as a view over
-torch's `param_groups` and `state`."""
+"""`Optimizer`: a real `torch.optim.Optimizer` whose algorithm is a chain of building blocks (or
+several chains, each running on the parameters routed to it), with fastai's API (`hypers`,
+`param_lists`, `set_hyper`, `freeze_to`, `clear_state`) as a view over torch's `param_groups`
+and `state`."""
 from __future__ import annotations
 
 import copy
@@ -12,8 +13,12 @@ from typing import Any, Callable, Iterable
 import torch
 
 from . import engine, hypers as hp
-from .blocks.base import unwrap_partial
+from .blocks.base import callback_name
+from .engine import Chain
 from .schedules import is_schedule
+
+#: The name of an optimizer's chain when it has only one.
+MAIN = "main"
 
 
 class _FastaiAPI:
@@ -58,6 +63,28 @@ class _FastaiAPI:
     def unfreeze(self) -> None:
         self.freeze_to(0)
 
+    def _refuse_fixed(self, names, where: str) -> None:
+        """ValueError for an argument that chose the chain at construction (see
+        `hypers.torch_names`): it cannot be given per group or changed later."""
+        inner = getattr(self, "opt", self)
+        fixed = getattr(inner, "fixed_args", None) or {}
+        for name in names:
+            if name in fixed:
+                raise ValueError(hp.fixed_message(getattr(inner, "recipe_name", "the optimizer"),
+                                                  name, where))
+
+    @property
+    def param_lists(self) -> list[list[torch.Tensor]]:
+        return [g["params"] for g in self.param_groups]
+
+    @param_lists.setter
+    def param_lists(self, lists) -> None:
+        lists = [list(l) for l in lists]
+        if len(lists) != len(self.param_groups):
+            raise ValueError(f"got {len(lists)} parameter lists for {len(self.param_groups)} groups")
+        for group, params in zip(self.param_groups, lists):
+            group["params"] = params
+
     def set_hypers(self, **kwargs) -> None:
         """`set_hyper` for every keyword; all are checked before any is set."""
         kwargs = hp.canonical_names(kwargs)
@@ -70,6 +97,7 @@ class _FastaiAPI:
         self.set_hypers(**{k: v})
 
     def _spread_and_check(self, k, v) -> list:
+        self._refuse_fixed([k], "set_hyper")
         hp.check_known(k, {name for h in self.hypers for name in h})
         values = hp.spread(k, v, len(self.param_lists))
         step = getattr(self, "schedule_step", 0)
@@ -86,7 +114,10 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
             dicts, or `named_parameters()`.
         cbs: a callable or a list of them, run in order for every parameter with a gradient at
             each `step()`: optcraft's blocks run over whole buckets at once; a plain fastai callback
-            `cb(p, **{**state, **hypers})` runs per parameter.  Each may carry `defaults`.
+            `cb(p, **{**state, **hypers})` runs per parameter.  Each may carry `defaults`.  Or a
+            dict of such chains by name, several chains in one optimizer: each group then names
+            the chain it runs in its `"chain"` entry (`optcraft.routing.route` makes such groups
+            from predicates or names, and named recipes).
         train_bn: kept for fastai compatibility (used by fastai's Learner, not here).
         impl: "auto", "reference", "foreach", "fused" or "compiled" (see `optcraft.engine`).
         master_weights: for float16/bfloat16 parameters, run the chain on a float32 master copy
@@ -102,7 +133,9 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
 
     def __init__(self, params, cbs, train_bn: bool = True, impl: str = "auto",
                  master_weights: bool = True, **defaults):
-        self.cbs = _as_callbacks(cbs)
+        self.chains = _as_chains(cbs)
+        # The arguments a named recipe turned into the chain (set by `hypers.torch_names`).
+        self.fixed_args, self.recipe_name = {}, None
         self.train_bn, self.frozen_idx = train_bn, 0
         if not isinstance(master_weights, bool):
             raise TypeError(f"master_weights must be True or False, got {master_weights!r}")
@@ -110,19 +143,68 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
         # Per group: the schedules (name -> callable) and the values last written from them.
         self.schedule_step, self._schedules, self._written = 0, [], []
         self.impl = engine.check_impl(impl)
-        engine.resolve(self.impl, self.cbs)  # "fused" without a torch kernel fails here
+        for chain in self.chains.values():
+            engine.resolve(self.impl, chain)  # "fused" without a torch kernel fails here
         # Group dicts in torch's names (`weight_decay`, as the Hugging Face Trainer makes them)
         # are translated before the defaults fill them, so the two spellings never meet.
         groups = [hp.canonical_names(g, f"parameter group {i}: ")
                   for i, g in enumerate(_as_groups(params))]
-        merged = hp.merge_defaults(self.cbs, hp.canonical_names(defaults))
-        per_group = {k: hp.spread(k, v, len(groups)) for k, v in merged.items()}
+        for i, group in enumerate(groups):
+            self._check_chain_name(group, i)
+        overrides = hp.canonical_names(defaults)
+        per_group = {k: hp.spread(k, v, len(groups)) for k, v in overrides.items()}
         for i, group in enumerate(groups):
             for k, values in per_group.items():
                 group.setdefault(k, values[i])
+            for k, v in self._chain_of(group).defaults.items():
+                group.setdefault(k, v)
         # A group added later with add_param_group gets the last group's values.
-        torch_defaults = hp.ParamGroup({k: values[-1] for k, values in per_group.items()})
-        super().__init__(groups, torch_defaults)
+        last = {k: v for k, v in groups[-1].items() if k not in engine.HIDDEN_GROUP_KEYS} \
+            if groups else {}
+        super().__init__(groups, hp.ParamGroup(last))
+
+    # ---- the chains --------------------------------------------------------------------------
+    @property
+    def cbs(self) -> list:
+        """The chain's callbacks (of the main chain when the optimizer routes to several)."""
+        return self.chains[MAIN].cbs if MAIN in self.chains else \
+            next(iter(self.chains.values())).cbs
+
+    @property
+    def chain(self) -> Chain:
+        return self.chains[MAIN] if MAIN in self.chains else next(iter(self.chains.values()))
+
+    def _chain_name(self, group: dict) -> str:
+        return group.get("chain", MAIN) if len(self.chains) > 1 else next(iter(self.chains))
+
+    def _chain_of(self, group: dict) -> Chain:
+        return self.chains[self._chain_name(group)]
+
+    def _check_chain_name(self, group: dict, i: int) -> None:
+        name = group.get("chain")
+        if len(self.chains) > 1 and name not in self.chains:
+            raise ValueError(f"parameter group {i}: this optimizer runs the chains "
+                             f"{', '.join(map(repr, self.chains))}; each group names one in its "
+                             f"'chain' entry, got {name!r}")
+        if len(self.chains) == 1 and name is not None and name not in self.chains:
+            raise ValueError(f"parameter group {i}: 'chain' is {name!r}, but this optimizer has "
+                             f"one chain, {next(iter(self.chains))!r}")
+
+    @property
+    def path(self) -> engine.Path:
+        """The execution path object that runs the (main) chain: `opt.path.name` is the path
+        `impl` resolved to; the compiled path's counts its compiles (`opt.path.compiles`)."""
+        paths = self._paths()
+        return paths[MAIN] if MAIN in paths else next(iter(paths.values()))
+
+    def _paths(self) -> dict[str, engine.Path]:
+        """The execution path of each chain, made once (compiled functions are per optimizer and
+        not part of its pickled state)."""
+        paths = self.__dict__.get("_path_objects")
+        if paths is None:
+            paths = self.__dict__["_path_objects"] = {
+                name: engine.path_for(self.impl, chain) for name, chain in self.chains.items()}
+        return paths
 
     # ---- torch's contract ------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -130,7 +212,18 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         where = f"parameter group {len(self.param_groups)}: "
         group = hp.ParamGroup(hp.canonical_names(param_group, where))
-        for k, v in self.defaults.items():
+        self._refuse_fixed(group, f"parameter group {len(self.param_groups)}")
+        self._check_chain_name(group, len(self.param_groups))
+        same_chain = [g for g in self.param_groups
+                      if self._chain_name(g) == self._chain_name(group)]
+        if same_chain:
+            for k, v in same_chain[-1].items():
+                if k not in engine.HIDDEN_GROUP_KEYS:
+                    group.setdefault(k, v)
+        elif len(self.chains) == 1:
+            for k, v in self.defaults.items():
+                group.setdefault(k, v)
+        for k, v in self._chain_of(group).defaults.items():
             group.setdefault(k, v)
         schedules = {k: v for k, v in group.items() if k not in engine.HIDDEN_GROUP_KEYS
                      and is_schedule(v)}
@@ -172,18 +265,6 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
             group.clear()
             group.update(params, **v)
 
-    @property
-    def param_lists(self) -> list[list[torch.Tensor]]:
-        return [g["params"] for g in self.param_groups]
-
-    @param_lists.setter
-    def param_lists(self, lists) -> None:
-        lists = [list(l) for l in lists]
-        if len(lists) != len(self.param_groups):
-            raise ValueError(f"got {len(lists)} parameter lists for {len(self.param_groups)} groups")
-        for group, params in zip(self.param_groups, lists):
-            group["params"] = params
-
     def _set_hyper(self, k, values) -> None:
         """Set `k` in every group; a schedule is installed, a value removes the schedule."""
         for group, schedules, written, v in zip(self.param_groups, self._schedules,
@@ -219,27 +300,60 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
                 loss = closure()
         self._apply_schedules()
         self._check_before_step()
-        path = engine.resolve(self.impl, self.cbs)
-        engine.step_groups(self.cbs, self.param_groups, self.state, path, self.master_weights,
-                           self._kernel(path))
+        paths = self._paths()
+        for name, chain in self.chains.items():
+            groups = [g for g in self.param_groups if self._chain_name(g) == name]
+            if groups:
+                engine.step(chain, paths[name], groups, self.state, self.master_weights)
         self.schedule_step += 1
         return loss
 
-    def _kernel(self, path: str):
-        """The fused or compiled form of the chain for `path`, made once (compiled functions are
-        per optimizer and not part of its pickled state)."""
-        kernels = self.__dict__.setdefault("_kernels", {})
-        if path not in kernels:
-            kernels[path] = engine.kernel_for(path, self.cbs)
-        return kernels[path]
-
     def _check_before_step(self) -> None:
         for i, group in enumerate(self.param_groups):
+            self._refuse_fixed(group, f"parameter group {i}")
             hp.validate_group(hp.HyperView(group), i)
+            if self._chain_of(group).eval_points and \
+                    not engine.group_state_of(group, self._chain_of(group)).get("train_mode", True):
+                raise RuntimeError(f"parameter group {i}: the optimizer is in eval mode "
+                                   f"(opt.eval()); call opt.train() before opt.step()")
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError(f"parameter group {i}: a parameter has a sparse gradient; "
                                        f"optcraft's optimizers take dense gradients only")
+
+    # ---- the evaluation point ------------------------------------------------------------------
+    @torch.no_grad()
+    def train(self) -> "Optimizer":
+        """Put the parameters at the point the optimizer trains at (schedule-free's `y`); a no-op
+        for chains that evaluate where they train.  Call it before training steps, after
+        `eval()`."""
+        return self._set_mode(True)
+
+    @torch.no_grad()
+    def eval(self) -> "Optimizer":
+        """Put the parameters at the point the optimizer is evaluated at (schedule-free's `x`);
+        call it before evaluating or saving the model, and `train()` before the next step."""
+        return self._set_mode(False)
+
+    def _set_mode(self, training: bool) -> "Optimizer":
+        for group in self.param_groups:
+            chain = self._chain_of(group)
+            if not chain.eval_points:
+                continue
+            kept = engine.group_state_of(group, chain)
+            if kept.get("train_mode", True) == training:
+                continue
+            hyper = engine._plain_scalars(engine.hypers_of(group))
+            for spec, bound in chain.eval_points:
+                move = spec.eval_point[0 if not training else 1]
+                for p in group["params"]:
+                    st = self.state.get(p)
+                    if not st:
+                        continue  # never stepped: the two points are the same
+                    engine.move_to_point(move, p, st, {**kept, **hyper, **bound},
+                                         self.master_weights)
+            kept["train_mode"] = training
+        return self
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Zero every gradient in place (fastai's behaviour), or set them to None
@@ -258,14 +372,23 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
                     p.grad.zero_()
 
     def clear_state(self) -> None:
-        """Forget all state but the per-parameter flags (`force_train`, `do_wd`, `do_trust_ratio`)."""
+        """Forget all state but the per-parameter flags (`force_train`, `do_wd`, `do_trust_ratio`)
+        and the groups' own state."""
         for p, *_ in self.all_params():
             kept = {k: self.state[p][k] for k in self._keep_on_clear if k in self.state[p]}
             self.state[p] = kept
+        for group in self.param_groups:
+            group.pop(engine.GROUP_STATE, None)
 
     # ---- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """torch's format, plus `schedule_step` (the step count schedules see)."""
+        """torch's format, plus `schedule_step` (the step count schedules see).  The groups' own
+        state (`group_state`) is in `param_groups`, where ZeroRedundancyOptimizer's consolidated
+        checkpoints and torch.distributed.checkpoint keep it; so is `schedule_step` while a
+        schedule is set."""
+        if any(self._schedules):
+            for group in self.param_groups:
+                group.setdefault(engine.GROUP_STATE, {})["schedule_step"] = self.schedule_step
         sd = super().state_dict()
         sd["schedule_step"] = self.schedule_step
         return sd
@@ -281,7 +404,9 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
             if result is not None:
                 state_dict = result
         state, groups = _checked_state(self, state_dict)
-        schedule_step = state_dict.get("schedule_step", 0)
+        from_groups = [g.get(engine.GROUP_STATE, {}).get("schedule_step") for g in groups]
+        schedule_step = state_dict.get("schedule_step", max(
+            [s for s in from_groups if isinstance(s, int)], default=0))
         if isinstance(schedule_step, bool) or not isinstance(schedule_step, int) or \
                 schedule_step < 0:
             raise ValueError(f"schedule_step must be an integer >= 0, got {schedule_step!r}")
@@ -295,24 +420,24 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         extra = {k: self.__dict__[k]
-                 for k in ("cbs", "train_bn", "frozen_idx", "impl", "master_weights",
-                           "schedule_step", "_schedules", "_written")}
-        return {**super().__getstate__(), **extra}
+                 for k in ("train_bn", "frozen_idx", "impl", "master_weights", "fixed_args",
+                           "recipe_name", "schedule_step", "_schedules", "_written")}
+        # The callbacks are pickled; each `Chain` is worked out from them again.
+        chains = {name: chain.cbs for name, chain in self.chains.items()}
+        return {**super().__getstate__(), **extra, "chains": chains}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        state["chains"] = _as_chains(state["chains"])
         super().__setstate__(state)
         # torch adds this flag on unpickling; it is not a hyperparameter of ours.
         dict.pop(self.defaults, "differentiable", None)
 
     def __repr__(self) -> str:
-        chain_text = " -> ".join(_callback_name(cb) for cb in self.cbs)
-        return f"{torch.optim.Optimizer.__repr__(self)}\nchain: {chain_text}"
-
-
-def _callback_name(cb) -> str:
-    fn, bound = unwrap_partial(cb)
-    name = getattr(fn, "__name__", repr(fn))
-    return f"{name}({', '.join(f'{k}={v!r}' for k, v in bound.items())})" if bound else name
+        text = torch.optim.Optimizer.__repr__(self)
+        if len(self.chains) == 1:
+            return f"{text}\nchain: {self.chain!r}"
+        return text + "".join(f"\nchain {name!r}: {chain!r}" for name, chain in self.chains.items())
 
 
 def _as_callbacks(cbs) -> list:
@@ -321,6 +446,18 @@ def _as_callbacks(cbs) -> list:
         if not callable(cb):
             raise TypeError(f"cbs: every callback must be callable, got {type(cb).__name__} {cb!r}")
     return items
+
+
+def _as_chains(cbs) -> dict[str, Chain]:
+    """One chain (named `MAIN`), or several by name."""
+    if isinstance(cbs, dict):
+        if not cbs:
+            raise ValueError("cbs: give at least one chain")
+        for name in cbs:
+            if not isinstance(name, str):
+                raise TypeError(f"cbs: chains are named by strings, got {name!r}")
+        return {name: Chain(_as_callbacks(chain)) for name, chain in cbs.items()}
+    return {MAIN: Chain(_as_callbacks(cbs))}
 
 
 def _is_named(x) -> bool:
@@ -362,13 +499,30 @@ def _is_iterable(o) -> bool:
         return False
 
 
+def _state_dtype(opt, p: torch.Tensor) -> torch.dtype:
+    """The dtype the chain keeps a parameter's floating-point state in: float32 for a half-
+    precision parameter on master weights, else the parameter's own (as torch.optim casts)."""
+    from .precision import uses_master
+
+    return torch.float32 if uses_master(p.dtype, getattr(opt, "master_weights", True)) else p.dtype
+
+
 def _checked_state(opt: torch.optim.Optimizer, state_dict: dict):
-    """The (state, param_groups) that `state_dict` gives `opt`, or ValueError; changes nothing."""
+    """The (state, param_groups) that `state_dict` gives `opt`, or ValueError; changes nothing.
+
+    What each state entry must be comes from the blocks' specifications (`blocks.base.Spec`): a
+    tensor entry has the shape its rule gives the parameter (the parameter's, a row statistic's,
+    a factor's), and a parameter that holds some of the entries its chain always keeps must hold
+    them all (a truncated checkpoint).  Floating-point tensors are cast to the dtype the chain
+    keeps them in, as torch.optim does."""
     if not isinstance(state_dict, dict) or "state" not in state_dict or \
             "param_groups" not in state_dict:
         raise ValueError("not an optimizer state dict: it needs 'state' and 'param_groups'")
     saved_groups = state_dict["param_groups"]
     groups = opt.param_groups
+    if not isinstance(saved_groups, (list, tuple)) or not all(isinstance(s, dict)
+                                                              for s in saved_groups):
+        raise ValueError("not an optimizer state dict: 'param_groups' must be a list of dicts")
     if len(saved_groups) != len(groups):
         raise ValueError(f"the state dict has {len(saved_groups)} parameter groups, the optimizer "
                          f"has {len(groups)}")
@@ -376,10 +530,15 @@ def _checked_state(opt: torch.optim.Optimizer, state_dict: dict):
         if len(s.get("params", ())) != len(g["params"]):
             raise ValueError(f"parameter group {i}: the state dict has {len(s.get('params', ()))} "
                              f"parameters, the optimizer has {len(g['params'])}")
+        if s.get("chain", g.get("chain")) != g.get("chain"):
+            raise ValueError(f"parameter group {i}: the state dict's group runs the chain "
+                             f"{s.get('chain')!r}, this optimizer's runs {g.get('chain')!r}")
+        if not isinstance(s.get(engine.GROUP_STATE, {}), dict):
+            raise ValueError(f"parameter group {i}: its {engine.GROUP_STATE!r} must be a dict")
     id_map = dict(zip(chain.from_iterable(s["params"] for s in saved_groups),
                       chain.from_iterable(g["params"] for g in groups)))
-    chain_state = set(chain.from_iterable(
-        getattr(unwrap_partial(cb)[0], "state_names", ()) for cb in getattr(opt, "cbs", ())))
+    chain_of = {id(p): opt._chain_of(g) if hasattr(opt, "_chain_of") else None
+                for g in groups for p in g["params"]}
     state = defaultdict(dict)
     for key, values in state_dict["state"].items():
         if key not in id_map:
@@ -388,18 +547,30 @@ def _checked_state(opt: torch.optim.Optimizer, state_dict: dict):
         p = id_map[key]
         if not isinstance(values, dict):
             raise ValueError(f"state of parameter {key!r} must be a dict, got {type(values).__name__}")
-        present = chain_state & set(values)
-        if present and present != chain_state:
-            raise ValueError(f"state of parameter {key!r} is truncated: it has "
-                             f"{', '.join(sorted(present))} but not "
-                             f"{', '.join(sorted(chain_state - present))}")
+        rules = chain_of[id(p)]
+        if rules is not None:
+            required = rules.required_state(p)
+            present = required & set(values)
+            if present and present != required:
+                raise ValueError(f"state of parameter {key!r} is truncated: it has "
+                                 f"{', '.join(sorted(present))} but not "
+                                 f"{', '.join(sorted(required - present))}")
         own = {}
         for name, value in values.items():
+            rule = rules.kept.get(name) if rules is not None else None
             if isinstance(value, torch.Tensor):
-                if value.dim() > 0 and value.shape != p.shape:
+                expected = rule.shape_for(p) if rule is not None and rule.kind == "tensor" else \
+                    (tuple(p.shape) if value.dim() > 0 else ())
+                if expected is not None and tuple(value.shape) != expected:
+                    what = f" ({rule.what})" if rule is not None else ""
                     raise ValueError(f"state {name!r} of parameter {key!r} has shape "
-                                     f"{tuple(value.shape)}, the parameter has {tuple(p.shape)}")
-                value = value.detach().to(device=p.device, copy=True)
+                                     f"{tuple(value.shape)}, expected {expected}{what} for a "
+                                     f"parameter of shape {tuple(p.shape)}")
+                value = value.detach()
+                if value.is_floating_point() and p.is_floating_point():
+                    value = value.to(device=p.device, dtype=_state_dtype(opt, p), copy=True)
+                else:
+                    value = value.to(device=p.device, copy=True)
             else:
                 value = copy.deepcopy(value)
             own[name] = value

@@ -1,9 +1,9 @@
 """Every named optimizer of optcraft, by name: its recipe, its chain of blocks, its defaults, the
 state it keeps per parameter and its paper.
 
-The chain and the state are read from an optimizer the recipe builds (its `cbs` and the blocks'
-`state_names`, then one step on a small parameter to see which state tensors are parameter-sized),
-so the registry can never disagree with the code it describes.  The classic recipes come from
+The chain and the state are read from an optimizer the recipe builds (its chain, and the state
+its blocks' specifications declare; one step on a small parameter shows what a wrapper such as
+Lookahead adds), so the registry can never disagree with the code it describes.  The classic recipes come from
 `optcraft.optimizers.classic`; the research recipes from `optcraft.optimizers.research` when that
 module is installed (every function in its `__all__` that takes an `lr`).
 
@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .blocks.base import unwrap_partial
+from .blocks.base import callback_name
 from .optimizers import classic
 
 #: Keyword arguments of a recipe that choose how it runs, not what it computes.
@@ -100,17 +100,19 @@ class Entry:
         return len(self.state_names)
 
     @property
+    def state_bytes(self) -> float:
+        """Bytes of state it keeps per parameter element of a float32 1024 x 1024 weight, from
+        its blocks' specifications (Adam: 8.0; a factored statistic costs a fraction)."""
+        return _introspect(self)[4]
+
+    @property
     def hyperparameters(self) -> dict:
         """The hyperparameters in its param groups (the blocks' defaults merged with the recipe's)."""
         return dict(_introspect(self)[3])
 
 
-def callback_name(cb) -> str:
-    fn, bound = unwrap_partial(cb)
-    name = getattr(fn, "__name__", type(fn).__name__)
-    if bound:
-        name += "(" + ", ".join(f"{k}={v!r}" for k, v in bound.items()) + ")"
-    return name
+#: The weight `state_bytes` is worked out for (on the meta device: nothing is allocated).
+TYPICAL_WEIGHT = (1024, 1024)
 
 
 @functools.lru_cache(maxsize=None)
@@ -120,25 +122,28 @@ def _introspect_cached(name: str, factory, settings_items: tuple, lr: float):
     opt = factory([param], lr=lr, **dict(settings_items))
     inner, wrapper = opt, None
     # A wrapper (Lookahead) holds the optimizer whose chain runs in `.opt`.
-    while not hasattr(inner, "cbs") and hasattr(inner, "opt"):
+    while not hasattr(inner, "chains") and hasattr(inner, "opt"):
         if wrapper is None:
             extras = {k: getattr(inner, k) for k in ("k", "alpha") if hasattr(inner, k)}
             wrapper = type(inner).__name__ + "(" + ", ".join(f"{k}={v}" for k, v in extras.items()) + ")"
         inner = inner.opt
-    cbs = list(getattr(inner, "cbs", []))
-    declared = []
-    for cb in cbs:
-        for state_name in getattr(unwrap_partial(cb)[0], "state_names", ()):
-            if state_name not in declared:
-                declared.append(state_name)
+    chains = list(getattr(inner, "chains", {}).values())
+    declared = [k for chain in chains for k, rule in chain.kept.items() if rule.like_param]
     param.grad = torch.randn(4, 5, generator=generator)
     opt.step()
     state = opt.state[param]
     sized = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.shape == param.shape]
     # The blocks' own names first, in chain order; then what a wrapper added (Lookahead's copy).
-    ordered = tuple([k for k in declared if k in sized] + [k for k in sized if k not in declared])
-    hypers = {k: v for k, v in inner.param_groups[0].items() if k not in ("params", "param_names")}
-    return tuple(callback_name(cb) for cb in cbs), wrapper, ordered, tuple(hypers.items())
+    ordered = tuple(dict.fromkeys([k for k in declared if k in sized] +
+                                  [k for k in sized if k not in declared]))
+    typical = torch.empty(TYPICAL_WEIGHT, device="meta")
+    declared_bytes = max((chain.state_bytes(typical) for chain in chains), default=0)
+    added = sum(1 for k in sized if all(k not in chain.kept for chain in chains))
+    per_element = declared_bytes / typical.numel() + added * typical.element_size()
+    hypers = {k: v for k, v in inner.param_groups[0].items()
+              if k not in ("params", "param_names", "chain", "group_state")}
+    names = tuple(name for chain in chains for name in chain.names())
+    return names, wrapper, ordered, tuple(hypers.items()), per_element
 
 
 def _introspect(entry: Entry):

@@ -13,62 +13,41 @@ Scalars that a block multiplies by come in three kinds, and every method accepts
 * a `TensorList` of 0-d tensors, one value per tensor (a per-layer norm or trust ratio).
 
 Per-tensor reductions (`norm`, `rms`, `sum`) return the third kind, which broadcasts back.
+
+This module is the arithmetic and nothing else: while a chain is traced for inductor, operations
+are written the way `compiler_hints` says (`_foreach`), and the norms of FSDP2's sharded tensors
+come from `distributed`.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 from functools import partial
 from typing import Callable, Iterable, Sequence
 
 import torch
 
+from . import compiler_hints as hints
+from .distributed import distribution_of, sharded_norms
+
 Scalar = "float | int | torch.Tensor | TensorList"
-
-
-#: While the compiled path traces a chain (`tracing`): the places where the graph is to be cut.
-_TRACING: contextvars.ContextVar[list | None] = contextvars.ContextVar("optcraft_tracing",
-                                                                      default=None)
-
-
-def compiling() -> bool:
-    """Whether the code running is being traced for a compiler: by dynamo (`torch.compile` of a
-    user's function) or by the compiled path's own tracer (`tracing`).  Blocks and this module ask
-    this, never `torch.compiler.is_compiling()` alone, to choose their compiled forms."""
-    # dynamo's test first: dynamo cannot trace `ContextVar.get`.
-    return torch.compiler.is_compiling() or _TRACING.get() is not None
-
-
-@contextlib.contextmanager
-def tracing():
-    """Within it, `compiling()` is true, and `end_graph()` records where it was called (the last
-    node of the graph traced so far) in the list this yields: `optcraft.compiled` traces a chain
-    so, with `make_fx`, which `torch.compiler.is_compiling()` does not see."""
-    cuts: list = []
-    token = _TRACING.set(cuts)
-    try:
-        yield cuts
-    finally:
-        _TRACING.reset(token)
-
-
-def end_graph() -> None:
-    """End the graph being traced here: what follows is compiled as a graph of its own (under the
-    compiled path's tracer: it splits its graph there; under dynamo: a graph break).  Nothing
-    eagerly.  Blocks call it where one graph compiles badly or fails, saying why."""
-    if torch.compiler.is_compiling():
-        torch._dynamo.graph_break()
-        return
-    cuts = _TRACING.get()
-    if cuts is not None:
-        from torch.fx.experimental.proxy_tensor import get_proxy_mode
-
-        cuts.append(next(reversed(get_proxy_mode().tracer.graph.nodes)))
 
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float, bool)) and not isinstance(x, torch.Tensor)
+
+
+def compiling() -> bool:
+    """Whether the code running is being traced for a compiler (see `compiler_hints`)."""
+    return hints.compiling()
+
+
+def _foreach(name: str, tensors: list, *args, **kwargs):
+    """`torch._foreach_<name>(tensors, *args, **kwargs)`; while traced for inductor, written as
+    `compiler_hints.foreach` says (tensor by tensor for large tensors).  Eagerly, one foreach call
+    beats a Python loop."""
+    if hints.compiling():
+        return hints.foreach(name, tensors, *args, **kwargs)
+    return getattr(torch, f"_foreach_{name}")(tensors, *args, **kwargs)
 
 
 def _unwrap(x):
@@ -280,36 +259,56 @@ class TensorList:
         return self
 
     # ---- per-tensor reductions: a TensorList of 0-d tensors ---------------------------------
-    def norm(self, ord=2, flat=False) -> "TensorList":
+    def norm(self, ord=2) -> "TensorList":
         """The norm of each tensor; of each whole tensor for DTensors (FSDP2's shards), with one
-        collective for the list rather than one or more per tensor.
-
-        Compiled for a CPU, each norm is taken over rows (`_blocked_norm`), or with `flat=True`
-        as one reduction over the whole tensor: inductor's C++ code writes an elementwise result
-        in a reduction's loop only when both run over the same range, and it merges a contiguous
-        tensor's dimensions for elementwise work, so a norm over rows gets a loop of its own (see
-        `stored`)."""
+        collective for the list rather than one or more per tensor."""
         if not self.tensors:
             return TensorList([])
         if distribution_of(self.tensors[0]) is not None:
-            norms = _sharded_norms(self.tensors, ord)
+            norms = sharded_norms(self.tensors, ord)
             if norms is not None:
                 return TensorList(norms)
-        if flat and _compiling_for_cpu(self.tensors):
-            return TensorList([torch.linalg.vector_norm(t, ord) for t in self.tensors])
         return TensorList(_foreach("norm", self.tensors, ord))
 
     def numel(self) -> list[int]:
         return [t.numel() for t in self.tensors]
 
-    def rms(self, flat=False) -> "TensorList":
+    def rms(self) -> "TensorList":
         """Root mean square of each tensor: `t.pow(2).mean().sqrt()`, 0 for an empty tensor."""
-        norms, sizes = self.norm(flat=flat), [math.sqrt(max(n, 1)) for n in self.numel()]
-        if flat and _compiling_for_cpu(self.tensors):
+        norms, sizes = self.norm(), [math.sqrt(max(n, 1)) for n in self.numel()]
+        if hints.norms_are_flat() and hints.compiling_for_cpu(self.tensors):
             # Tensor by tensor: inductor does not lower a foreach division by a list of numbers,
             # and such a call between two loops keeps them apart.
             return TensorList([n / size for n, size in zip(norms.tensors, sizes)])
         return norms.div(sizes)
+
+    def channel_mean(self) -> "TensorList":
+        """The mean of each output channel (over every dimension but the first), shaped
+        `(out, 1, ..., 1)`."""
+        means = self.map(lambda t: t.mean(dim=_channel_dims(t), keepdim=True))
+        hints.after_channel_reduction()
+        return means
+
+    def channel_rms(self) -> "TensorList":
+        """The RMS of each output channel, shaped `(out, 1, ..., 1)`."""
+        def rms(t):
+            norm = torch.linalg.vector_norm(t, dim=_channel_dims(t), keepdim=True)
+            return norm.div_(math.sqrt(max(math.prod(t.shape[1:]), 1)))
+        found = self.map(rms)
+        hints.after_channel_reduction()
+        return found
+
+    def log1pexp(self, nonnegative: bool = False) -> "TensorList":
+        """`log(1 + exp(x))` per element (the softplus with its scale taken out:
+        `softplus(x, b) = log1pexp(b x) / b`), eagerly written over `self`, a temporary of the
+        caller's (torch's softplus kernel, linear above 20 as torch's `Softplus` is).
+        `nonnegative=True` says every element is >= 0 (a root, a magnitude): the compiled form
+        may then be cheaper (see `compiler_hints.log1p_exp`)."""
+        if hints.compiling():
+            return self.map(lambda t: hints.log1p_exp(t, nonnegative))
+        for t in self.tensors:
+            torch.ops.aten.softplus.out(t, 1.0, 20.0, out=t)
+        return self
 
     def sum(self) -> "TensorList":
         return TensorList([t.sum() for t in self.tensors])
@@ -383,6 +382,18 @@ class ParamList(TensorList):
     def data(self) -> "ParamList":
         return self
 
+    def norm(self, ord=2) -> TensorList:
+        if hints.compiling():
+            return TensorList(hints.read_with_grad(self.tensors, self.grad.tensors)).norm(ord)
+        return super().norm(ord)
+
+
+def _channel_dims(t: torch.Tensor) -> tuple:
+    if t.ndim < 2:
+        raise ValueError(f"a per-output-channel statistic needs a tensor of 2 or more dimensions, "
+                         f"got shape {tuple(t.shape)}: check the predicate")
+    return tuple(range(1, t.ndim))
+
 
 # ---- helpers for the three kinds of scalar ------------------------------------------------------
 
@@ -409,7 +420,7 @@ def _stacked(tensors: list, others: tuple) -> list | None:
     """`tensors` and each of `others` as one vector (a list of 0-d tensors stacked; a single value
     kept, to broadcast), or None where that does not apply: under compile (inductor fuses the
     per-tensor form), for one tensor, for tensors that are not all 0-d on one device and dtype."""
-    if compiling() or len(tensors) < 2:
+    if hints.compiling() or len(tensors) < 2:
         return None
     out = []
     for column in (tensors, *others):
@@ -441,145 +452,6 @@ def _per_tensor(x, n):
 _SCALAR_FORMS = {"maximum": "clamp_min", "minimum": "clamp_max"}
 
 
-#: Compiled (`compiling()`), tensors of at least this many elements are computed tensor by tensor;
-#: smaller ones stay in foreach calls (see `_foreach`).  The compiled path compiles only such
-#: tensors and runs smaller ones eagerly (`optcraft.compiled.split_bucket`).
-PER_TENSOR_MIN_NUMEL = 1 << 16
-
-
-def _foreach(name: str, tensors: list, *args, **kwargs):
-    """`torch._foreach_<name>(tensors, *args, **kwargs)`; compiled (`compiling()`), the same
-    operation tensor by tensor (`t.<name>(...)`, list arguments taken element by element) for the
-    tensors of `PER_TENSOR_MIN_NUMEL` elements or more.
-
-    Why: inductor (torch 2.13, CPU) turns each foreach call into its own pass over memory, while
-    per-tensor operations fuse into one loop per tensor: on GPT-2 small a compiled Adam step is
-    about 4x faster written per tensor.  Small tensors (when a user compiles a whole step that
-    holds them) stay in foreach calls: their extra passes stay in cache, and thousands of
-    per-tensor operations would make compiling take minutes.  Eagerly, one foreach call beats a
-    Python loop."""
-    foreach = getattr(torch, f"_foreach_{name}")
-    if not compiling():
-        return foreach(tensors, *args, **kwargs)
-    args = tuple([_realized(a) for a in args])  # a list: see TensorList.__init__
-    # 0-d tensors stay in the foreach call whatever the threshold: torch 2.13 takes a 0-d float64
-    # graph input as a Python number, and an in-place write to it tensor by tensor is dropped.
-    big = [i for i, t in enumerate(tensors) if t.numel() >= PER_TENSOR_MIN_NUMEL and t.dim() > 0]
-    if not big:
-        return foreach(tensors, *args, **kwargs)
-    chosen = set(big)
-    small = [i for i in range(len(tensors)) if i not in chosen]
-    is_list = [isinstance(a, (list, tuple)) for a in args]
-    results: list = [None] * len(tensors)
-    if small:
-        picked = [[a[i] for i in small] if listed else a for a, listed in zip(args, is_list)]
-        out = foreach([tensors[i] for i in small], *picked, **kwargs)
-        for i, r in zip(small, out or [None] * len(small)):
-            results[i] = r
-    if name == "norm":
-        for i in big:
-            results[i] = _blocked_norm(tensors[i], *args, **kwargs)
-        return results
-    for i in big:
-        picked = [a[i] if listed else a for a, listed in zip(args, is_list)]
-        if name in _NO_TENSOR_METHOD:  # in place, as the foreach call is
-            tensors[i].copy_(getattr(torch, name[:-1])(tensors[i], *picked, **kwargs))
-        else:
-            results[i] = getattr(tensors[i], name)(*picked, **kwargs)
-    return None if name.endswith("_") else results
-
-
-#: In-place foreach operations that `torch.Tensor` has no method for.
-_NO_TENSOR_METHOD = frozenset({"maximum_", "minimum_"})
-
-
-#: `_blocked_norm` sums rows of at most this many elements first: inductor sums a row this short
-#: in registers, where a longer reduction goes through its cascade-summation helper.
-NORM_ROW = 4096
-
-
-def _row_length(numel: int) -> int | None:
-    """The longest row of at most `NORM_ROW` (and at least an eighth of it) elements that divides
-    `numel`: the whole tensor is then a plain view, so inductor need not materialise it."""
-    for row in range(NORM_ROW, NORM_ROW // 8 - 1, -1):
-        if numel % row == 0:
-            return row
-    return None
-
-
-def _blocked_norm(t: torch.Tensor, ord=2) -> torch.Tensor:
-    """`torch.linalg.vector_norm(t, ord)` for a large tensor when compiled, as the norm of
-    the norms of its rows (a view of it as rows of `_row_length` elements): the same value for any
-    `ord > 0`, since a sum of powers (or a max) can be regrouped.
-
-    Why: inductor's C++ code sums a long reduction with a cascade helper whose running sum goes
-    through memory every iteration, and that chain, not memory, then bounds the loop; a row of a
-    few thousand elements is summed in registers.  Measured here: a norm pass over four tensors of
-    38M elements 1.6x faster, the norm pass of LAMB's step on GPT-2 small about 15% faster."""
-    row = _row_length(t.numel()) if t.is_contiguous() else None
-    if row is None or not isinstance(ord, (int, float)) or ord <= 0:
-        return torch.linalg.vector_norm(t, ord)
-    rows = torch.linalg.vector_norm(t.view(-1, row), ord, dim=1)
-    return torch.linalg.vector_norm(rows, ord)
-
-
-def _compiling_for_cpu(tensors: list) -> bool:
-    return compiling() and bool(tensors) and tensors[0].device.type == "cpu"
-
-
-def _materialised(t: torch.Tensor) -> torch.Tensor:
-    """`t` as an identity `as_strided` view: under `torch.compile`, `as_strided` is one of the
-    operations whose input inductor always materialises as a buffer (used by `stored` and
-    `_realized`)."""
-    return torch.as_strided(t, t.shape, t.stride())
-
-
-def stored(t: TensorList) -> TensorList:
-    """`t`; compiled for a CPU, `t` as written back to its own memory (for a `ParamList`, the
-    parameters so, with their gradients).
-
-    Why: inductor computes a tensor that the graph updates in place wherever it is read, and
-    writes it back in a loop of its own.  Read through `_materialised`, the new values are written
-    once, in the first loop that reads them, and that can be a reduction's loop: LAMB's trust
-    ratio then writes the moments in the loop that sums its norms (see
-    `blocks.layerwise.lamb_trust_ratio`).  Only where nothing later in the graph
-    reads the values: inductor would then keep them in a temporary."""
-    if not _compiling_for_cpu(t.tensors):
-        return t
-    values = [_materialised(x) for x in t.tensors]
-    return ParamList(values, t.grad) if isinstance(t, ParamList) else TensorList(values)
-
-
-def read_with_grad(p: "ParamList") -> TensorList:
-    """The parameters' values; compiled, as `where(g == g, p, p)`, the same values
-    read together with the gradient, so that a norm of them shares an input with a norm of the
-    gradient or of an update made from it (LARC, LARS, LAMB, PreLAMB).
-
-    Why: inductor's C++ code sums reductions over the same rows in one loop only when they share
-    an input.  A parameter norm would otherwise be a loop of its own over p alone, and one stream
-    read at a time is the slowest pass on a CPU (about 20 GB/s here, where a loop reading four
-    tensors reads 26): with it, both norms come from one loop (LAMB's compiled step on GPT-2
-    small about 3% faster, interleaved A/B)."""
-    if not compiling():
-        return p
-    return p.map(lambda t, g: torch.where(g == g, t, t), p.grad)
-
-
-def _realized(arg):
-    """Compiled, a 0-d tensor operand (or a list of them) computed in the graph, made
-    a buffer of its own before the loops that use it.
-
-    Why: inductor's C++ code otherwise recomputes a scalar expression (Adam's `1 - mom**step`, a
-    layer's trust ratio from its norms) inside every iteration of the elementwise loop, and the
-    compiler cannot lift it out when the loop also stores through pointers that might alias its
-    inputs.  Realising them took LAMB's compiled step on GPT-2 small from about 150 to 108 ms."""
-    if isinstance(arg, torch.Tensor):
-        return _materialised(arg) if arg.dim() == 0 else arg
-    if isinstance(arg, list) and any(isinstance(a, torch.Tensor) and a.dim() == 0 for a in arg):
-        return [_realized(a) for a in arg]
-    return arg
-
-
 def _foreach_binary(op: str, tensors: list, other, alpha=1, inplace=False):
     if isinstance(other, TensorList):
         other = other.tensors
@@ -602,64 +474,6 @@ def _foreach_binary(op: str, tensors: list, other, alpha=1, inplace=False):
 
 
 # ---- scalar functions: Python numbers stay Python numbers, tensors stay tensors ---------------
-
-def distribution_of(t: torch.Tensor):
-    """How a DTensor (FSDP2's sharded parameter) is laid out, `(mesh, placements)`, or None for a
-    plain tensor: tensors laid out differently cannot share one foreach call."""
-    mesh = getattr(t, "device_mesh", None)
-    return None if mesh is None else (mesh, tuple(t.placements))
-
-
-def _sharded_norms(tensors: list, ord) -> list | None:
-    """The norms of whole DTensors, from the norms of the local shards: each rank computes its
-    shards' norms in one foreach call, one all-reduce per sharded mesh dimension combines them
-    for the whole list, and the results are replicated 0-d DTensors.
-
-    torch's own `_foreach_norm` on DTensors is right too, but leaves each norm pending
-    (a partial placement) and reduces it anew, one collective per tensor, wherever it is used:
-    LARC's step would make three per parameter.  None where this does not apply: tensors laid out
-    differently, a partial placement (its local values are not the tensor's), or an `ord` without
-    such a combination."""
-    from torch.distributed import _functional_collectives as collectives
-    from torch.distributed.tensor import DTensor, Replicate
-
-    layout = distribution_of(tensors[0])
-    mesh, placements = layout
-    if any(not (pl.is_shard() or pl.is_replicate()) for pl in placements) or \
-            any(distribution_of(t) != layout for t in tensors[1:]):
-        return None
-    ord = float(ord)
-    if ord == math.inf:
-        reduce_op, power = "max", None
-    elif ord == -math.inf:
-        reduce_op, power = "min", None
-    elif ord > 0:
-        reduce_op, power = "sum", ord
-    else:
-        return None
-    shards = [t.to_local() for t in tensors]
-    if power is None and any(t.numel() == 0 for t in shards):
-        # torch has no max/min norm of an empty tensor; an empty shard takes no part in the max
-        # (norms are >= 0) or in the min.
-        filled = [i for i, t in enumerate(shards) if t.numel()]
-        local = torch.full((len(shards),), 0.0 if ord > 0 else math.inf,
-                           dtype=shards[0].real.dtype, device=shards[0].device)
-        if filled:
-            local[filled] = torch.stack(torch._foreach_norm([shards[i] for i in filled], ord))
-    else:
-        local = torch.stack(torch._foreach_norm(shards, ord))
-    if power is not None:
-        local = local.pow(power)
-    for dim, placement in enumerate(placements):
-        if placement.is_shard():
-            local = collectives.all_reduce(local, reduce_op, (mesh, dim))
-    if power == 2:
-        local = local.sqrt()
-    elif power is not None:
-        local = local.pow(1 / power)
-    replicated = [Replicate()] * mesh.ndim
-    return [DTensor.from_local(n, mesh, replicated, run_check=False) for n in local.unbind(0)]
-
 
 def is_tensorish(x) -> bool:
     return isinstance(x, (torch.Tensor, TensorList))

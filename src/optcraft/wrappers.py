@@ -55,18 +55,6 @@ class _Delegating(_FastaiAPI, torch.optim.Optimizer):
     def defaults(self, value):
         self.opt.defaults = value
 
-    @property
-    def param_lists(self):
-        return [g["params"] for g in self.param_groups]
-
-    @param_lists.setter
-    def param_lists(self, lists):
-        lists = [list(l) for l in lists]
-        if len(lists) != len(self.param_groups):
-            raise ValueError(f"got {len(lists)} parameter lists for {len(self.param_groups)} groups")
-        for group, params in zip(self.param_groups, lists):
-            group["params"] = params
-
     def add_param_group(self, param_group: dict) -> None:
         self.opt.add_param_group(param_group)
 

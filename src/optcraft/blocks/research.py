@@ -12,9 +12,9 @@ import math
 import torch
 
 from ..predicates import conv_not_cinEq256_coutLt256, conv_weight
-from ..tensorlist import TensorList, end_graph, read_with_grad, where
-from .base import block
-from .steps import _adam_denominator, debias, log1pexp
+from ..tensorlist import TensorList, where
+from .base import PerParam, block, like_param, optional, scalar
+from .steps import _adam_denominator, debias
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -22,31 +22,6 @@ from .steps import _adam_denominator, debias, log1pexp
 def _chosen(p, predicate) -> list[int]:
     """Positions of the tensors of the bucket that `predicate` accepts (a test on metadata)."""
     return [i for i, t in enumerate(p.tensors) if predicate(t)]
-
-
-def _channel_dims(t: torch.Tensor) -> tuple:
-    if t.ndim < 2:
-        raise ValueError(f"a per-output-channel statistic needs a tensor of 2 or more dimensions, "
-                         f"got shape {tuple(t.shape)}: check the predicate")
-    return tuple(range(1, t.ndim))
-
-
-def _channel_mean(t: torch.Tensor) -> torch.Tensor:
-    """Mean of each output channel, shaped `(out, 1, ..., 1)`."""
-    return t.mean(dim=_channel_dims(t), keepdim=True)
-
-
-def _channel_rms(t: torch.Tensor) -> torch.Tensor:
-    """RMS of each output channel, shaped `(out, 1, ..., 1)`."""
-    norm = torch.linalg.vector_norm(t, dim=_channel_dims(t), keepdim=True)
-    return norm.div_(math.sqrt(max(math.prod(t.shape[1:]), 1)))
-
-
-def _end_graph() -> None:
-    """Compiled, end the graph here (`tensorlist.end_graph`); nothing in eager mode.  Blocks call
-    it between a per-channel reduction and the elementwise code that uses it: torch 2.13's CPU
-    code generation fails (KeyError 'buf..' in its outer-loop fusion) on one graph holding both."""
-    end_graph()
 
 
 def _one_per_channel(t: torch.Tensor) -> torch.Tensor:
@@ -90,8 +65,7 @@ def centralize_grad(p, predicate=conv_weight, **kwargs):
         return
     grads = list(p.grad.tensors)
     picked = TensorList([grads[i] for i in chosen])
-    means = picked.map(_channel_mean)
-    _end_graph()
+    means = picked.channel_mean()
     for i, g in zip(chosen, picked.sub(means)):
         grads[i] = g
     p.grad = TensorList(grads)
@@ -100,7 +74,7 @@ def centralize_grad(p, predicate=conv_weight, **kwargs):
 @block
 def scale_grad_to_param(p, **kwargs):
     """PreLAMB's gradient: `g <- g * |p| / |g|` per tensor (L2 norms; 1 where either is 0)."""
-    p.grad = p.grad.mul(_ratio(read_with_grad(p).norm(), p.grad.norm()))
+    p.grad = p.grad.mul(_ratio(p.norm(), p.grad.norm()))
 
 
 @block
@@ -111,8 +85,8 @@ def sign_grad(p, **kwargs):
 
 # ---- statistics ------------------------------------------------------------------------------
 
-@block(defaults=dict(sqr_mom=0.99), state=("dev_avg",), static=("square",),
-       elementwise=True)
+@block(hypers=dict(sqr_mom=0.99), state=dict(dev_avg=like_param), static=("square",),
+       reads="elements")
 def average_deviation(p, sqr_mom, grad_avg=None, dev_avg=None, square=True, **kwargs):
     """How far the gradient strays from its running average, averaged; it must come before the
     block that updates `grad_avg`:
@@ -131,7 +105,7 @@ def average_deviation(p, sqr_mom, grad_avg=None, dev_avg=None, square=True, **kw
     return {"dev_avg": dev_avg}
 
 
-@block(state=("layer_scale",))
+@block(state=dict(layer_scale=scalar))
 def mean_abs_param(p, **kwargs):
     """The layer scale of SUAdam and BAdam: `layer_scale = mean(|p|)` per tensor, 1 for an
     all-zero tensor (which the notebook never moved).  Put it before `weight_decay`, so that it
@@ -140,7 +114,7 @@ def mean_abs_param(p, **kwargs):
     return {"layer_scale": where(scale == 0, 1.0, scale)}
 
 
-@block(state=("init_rms",))
+@block(state=dict(init_rms=optional(like_param)))
 def record_channel_rms(p, predicate=conv_not_cinEq256_coutLt256, init_rms=None, **kwargs):
     """Remember the RMS of each output channel of the tensors `predicate` accepts, at their first
     step and before any block changes them (put it first in the chain): `init_rms` holds the
@@ -152,12 +126,10 @@ def record_channel_rms(p, predicate=conv_not_cinEq256_coutLt256, init_rms=None, 
     if not chosen:
         return {"init_rms": None}
     recorded: list = [None] * len(p)
-    for i, rms in zip(chosen, TensorList([p[i] for i in chosen]).map(_channel_rms)):
+    for i, rms in zip(chosen, TensorList([p[i] for i in chosen]).channel_rms()):
         recorded[i] = rms.expand_as(p[i])
     if len(chosen) == len(p):
         return {"init_rms": TensorList(recorded)}
-    from ..engine import PerParam  # the engine imports the blocks
-
     return {"init_rms": PerParam(recorded)}
 
 
@@ -189,7 +161,7 @@ def rectifier(sqr_mom, step):
     return tractable, where(tractable, r, 1.0)
 
 
-@block(defaults=dict(smooth=50.0), static=("smooth", "rectify"), elementwise=True)
+@block(hypers=dict(smooth=50.0), static=("smooth", "rectify"), reads="elements")
 def sadam_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, smooth, rectify=False, **kwargs):
     """SAdam's step (Tong et al., 2019, arXiv:1908.00700): Adam's with a softplus denominator,
     `p <- p - lr * m_hat / softplus(sqrt(v_hat), smooth)` (`softplus(x, b) = log(1 + exp(b x)) / b`).
@@ -205,20 +177,19 @@ def sadam_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, smooth, rectify=Fal
     # m_hat / softplus(sqrt(r v_hat), b) = b m_hat / log1pexp(sqrt(b^2 r v_hat)): the scalars go
     # into one multiplication (no division per element) and b into the step's scale.
     y = sqr_avg.mul(smooth ** 2 * r / debias(sqr_mom, 1 - sqr_mom, step)).sqrt_()
-    denom = log1pexp(y, nonnegative=True)
+    denom = y.log1pexp(nonnegative=True)
     # Under torch.compile `step` is a tensor, and so is `tractable`: select, do not branch.
     p.addcdiv_(grad_avg, where(tractable, denom, 1.0), value=-lr_hat * where(tractable, smooth, 1.0))
 
 
-@block(defaults=dict(eps=1e-8))
+@block(hypers=dict(eps=1e-8))
 def stable_adam_step(p, lr, mom, step, sqr_mom, grad_avg, sqr_avg, eps, init_rms=None, **kwargs):
     """StableAdam's step: Adam's, `s = m_hat / (sqrt(v_hat) + eps)`, with each output channel `k`
     of the tensors `record_channel_rms` chose scaled by how much its RMS has grown since their
     first step: `p^k <- p^k - lr * (rms(p^k) / rms(p^k_0)) * s^k` (ratio 1 where either is 0)."""
     chosen, init = _recorded(p, init_rms)
     if chosen is not None:
-        ratios = _ratio(chosen.map(_channel_rms), init)
-        _end_graph()
+        ratios = _ratio(chosen.channel_rms(), init)
     # One temporary: the denominator, turned into the step in place.
     s = _adam_denominator(sqr_avg, debias(sqr_mom, 1 - sqr_mom, step), eps)
     s.reciprocal_().mul_(grad_avg)
@@ -237,8 +208,7 @@ def restore_channel_rms(p, init_rms=None, **kwargs):
     `p^k <- p^k * rms(p^k_0) / rms(p^k)` (unchanged where either is 0)."""
     chosen, init = _recorded(p, init_rms)
     if chosen is not None:
-        ratios = _ratio(init, chosen.map(_channel_rms))
-        _end_graph()
+        ratios = _ratio(init, chosen.channel_rms())
         chosen.mul_(ratios)
 
 
@@ -257,7 +227,7 @@ def debiased_momentum_step(p, lr, mom, step, grad_avg, **kwargs):
     p.add_(grad_avg, alpha=-lr / debias(mom, 1 - mom, step))
 
 
-@block(static=("root",), elementwise=True)
+@block(static=("root",), reads="elements")
 def deviation_step(p, lr, mom, step, sqr_mom, grad_avg, dev_avg, layer_scale=None, root=True,
                    **kwargs):
     """DuvAdam's step `p <- p - lr * m_hat / (1 + sqrt(d_hat))`, or SUAdam's with `root=False`
@@ -283,10 +253,11 @@ def check_secant(secant: str) -> None:
         raise ValueError(f"secant must be 'softplus' or 'sign_clamp', got {secant!r}")
 
 
-@block(defaults=dict(smooth=50.0), state=("curv_avg", "prev_grad", "prev_step"),
+@block(hypers=dict(smooth=50.0),
+       state=dict(curv_avg=like_param, prev_grad=like_param, prev_step=like_param),
        static=("smooth", "secant"),
-       # sign_clamp's floor is a mean over the whole tensor: not elementwise
-       elementwise=lambda secant="softplus", **kwargs: secant == "softplus")
+       # sign_clamp's floor is a mean over the whole tensor
+       reads=lambda secant="softplus", **kwargs: "elements" if secant == "softplus" else "tensor")
 def badam_step(p, lr, mom, step, sqr_mom, grad_avg, layer_scale, smooth, curv_avg=None,
                prev_grad=None, prev_step=None, secant="softplus", **kwargs):
     """BAdam's step: a secant estimate of the curvature from the last step `s_{t-1}`,
@@ -306,7 +277,7 @@ def badam_step(p, lr, mom, step, sqr_mom, grad_avg, layer_scale, smooth, curv_av
     first = step == 1
     # softplus(x, b) = log1pexp(b x) / b: each 1 / b joins a scalar the step multiplies by anyway.
     if secant == "softplus":
-        divisor, phi_scale = log1pexp(prev_step.mul(smooth)), smooth
+        divisor, phi_scale = prev_step.mul(smooth).log1pexp(), smooth
     else:
         floor = prev_step.norm(1).div([max(n, 1) for n in prev_step.numel()])
         divisor, phi_scale = sign_clamp(prev_step, floor), 1.0
@@ -323,7 +294,7 @@ def badam_step(p, lr, mom, step, sqr_mom, grad_avg, layer_scale, smooth, curv_av
     if first is not True:
         y = curv_avg.mul(smooth / debias(sqr_mom, 1 - sqr_mom, step - 1)).abs_()
         # Compiled, `first` is a tensor: divide by 1 at the first step rather than branch.
-        s.div_(where(first, 1.0, log1pexp(y, nonnegative=True)))
+        s.div_(where(first, 1.0, y.log1pexp(nonnegative=True)))
         scale = scale * where(first, 1.0, smooth)
     s.mul_(scale)
     p.sub_(s)
@@ -333,7 +304,7 @@ def badam_step(p, lr, mom, step, sqr_mom, grad_avg, layer_scale, smooth, curv_av
 
 # ---- diagnostics -----------------------------------------------------------------------------
 
-@block(state=("update",))
+@block(state=dict(update=like_param))
 def keep_param(p, update=None, **kwargs):
     """Start recording the step: `update <- p` (first in a chain that ends with `last_update`)."""
     if update is None:

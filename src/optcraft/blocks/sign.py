@@ -2,15 +2,13 @@
 momentum, Adam with `eps_root` (and Nesterov's form of it), and LARS with optax's trust ratio."""
 from __future__ import annotations
 
-import torch
-
-from ..tensorlist import read_with_grad, where
-from .base import block
-from .decay import _may_be_nonzero
+from ..tensorlist import where
+from .base import block, is_zero, like_param
+from .stats import momentum_of
 from .steps import debias
 
 
-@block(defaults=dict(mom=0.9, sqr_mom=0.99), state=("grad_avg",), elementwise=True)
+@block(hypers=dict(mom=0.9, sqr_mom=0.99), state=dict(grad_avg=like_param), reads="elements")
 def lion_step(p, lr, mom, sqr_mom, grad_avg=None, **kwargs):
     """Lion (Chen et al., 2023, "Symbolic Discovery of Optimization Algorithms",
     arXiv:2302.06675): the sign of an interpolation between the momentum and the gradient,
@@ -29,14 +27,19 @@ def lion_step(p, lr, mom, sqr_mom, grad_avg=None, **kwargs):
     return {"grad_avg": grad_avg}
 
 
-@block(elementwise=True)
-def nesterov_step(p, lr, mom, grad_avg, **kwargs):
+@block(reads="elements")
+def nesterov_step(p, lr, mom, grad_avg=None, **kwargs):
     """SGD with Nesterov's momentum (Sutskever et al., 2013), in torch's and optax's form: after
-    `grad_avg <- mom * grad_avg + g` (`average_grad`), `p <- p - lr * (g + mom * grad_avg)`."""
-    p.add_(p.grad.add(grad_avg, alpha=mom), alpha=-lr)
+    `grad_avg <- mom * grad_avg + g` (`average_grad`), `p <- p - lr * (g + mom * grad_avg)`
+    (`p <- p - lr * g` while `mom` is 0)."""
+    if momentum_of(p, grad_avg, mom) is p.grad:
+        p.add_(p.grad, alpha=-lr)
+    else:
+        p.add_(p.grad.add(grad_avg, alpha=mom), alpha=-lr)
 
 
-@block(defaults=dict(eps=1e-8, eps_root=0.0), static=("nesterov",), elementwise=True)
+@block(hypers=dict(eps=1e-8, eps_root=0.0), static=("nesterov",), switches=("eps_root",),
+       reads="elements")
 def adam_root_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, eps, eps_root=0.0,
                    nesterov=False, **kwargs):
     """Adam as optax's `scale_by_adam` computes it, with `eps_root` inside the square root:
@@ -48,7 +51,7 @@ def adam_root_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, eps, eps_root=0
     debias1 = debias(mom, 1 - mom, step)
     debias2 = debias(sqr_mom, 1 - sqr_mom, step)
     denom = sqr_avg.div(debias2)
-    if isinstance(eps_root, torch.Tensor) or eps_root != 0:
+    if not is_zero(eps_root):
         denom.add_(eps_root)
     denom.sqrt_().add_(eps)
     if nesterov:
@@ -59,8 +62,8 @@ def adam_root_step(p, lr, mom, sqr_mom, step, grad_avg, sqr_avg, eps, eps_root=0
         p.addcdiv_(grad_avg, denom, value=-lr / debias1)
 
 
-@block(defaults=dict(trust_coeff=0.001, eps=0.0, wd=0.0, mom=0.9), state=("grad_avg",),
-       static=("nesterov",))
+@block(hypers=dict(trust_coeff=0.001, eps=0.0, wd=0.0, mom=0.9), state=dict(grad_avg=like_param),
+       static=("nesterov",), switches=("wd",))
 def lars_step(p, lr, mom, trust_coeff, eps, wd=0.0, grad_avg=None, do_wd=True,
               do_trust_ratio=True, nesterov=False, **kwargs):
     """LARS (You et al., 2017, arXiv:1708.03888) in optax's form:
@@ -74,9 +77,9 @@ def lars_step(p, lr, mom, trust_coeff, eps, wd=0.0, grad_avg=None, do_wd=True,
     Unlike fastai's `Larc`, the momentum buffer holds steps already multiplied by the learning
     rate, as optax's `trace` after `scale_by_learning_rate` does.
     """
-    update = p.grad.add(p, alpha=wd) if do_wd and _may_be_nonzero(wd) else p.grad.clone()
+    update = p.grad.add(p, alpha=wd) if do_wd and not is_zero(wd) else p.grad.clone()
     if do_trust_ratio:
-        p_norm, u_norm = read_with_grad(p).norm(), update.norm()
+        p_norm, u_norm = p.norm(), update.norm()
         ratio = p_norm.mul(trust_coeff).div_(u_norm.add(eps))
         update.mul_(where((p_norm == 0) | (u_norm == 0), 1.0, ratio))
     update.mul_(lr)

@@ -8,8 +8,8 @@ from .common import lookup
 def add_parsers(subparsers):
     parser = subparsers.add_parser(
         "list", help="every optimizer: chain of blocks, state memory, paper",
-        description="Every named optimizer with its chain of building blocks, the state it keeps "
-                    "per parameter (in parameter-sized tensors) and its paper.")
+        description="Every named optimizer with its chain of building blocks, the bytes of state it "
+                    "keeps per parameter and its paper.")
     parser.set_defaults(run=run_list)
     parser = subparsers.add_parser(
         "show", help="one optimizer in full: chain, defaults, state, paper",
@@ -26,9 +26,14 @@ def chain_text(entry: registry.Entry) -> str:
 
 
 def state_text(entry: registry.Entry) -> str:
-    if not entry.state_names:
+    if not entry.state_names and not entry.state_bytes:
         return "none"
-    return f"{entry.state_memory}x ({', '.join(entry.state_names)})"
+    names = f" ({', '.join(entry.state_names)})" if entry.state_names else ""
+    return f"{bytes_text(entry)}, {entry.state_memory}x parameter-sized{names}"
+
+
+def bytes_text(entry: registry.Entry) -> str:
+    return f"{entry.state_bytes:.3g} B"
 
 
 def _value(v) -> str:
@@ -38,14 +43,15 @@ def _value(v) -> str:
 def run_list(args) -> int:
     entries = registry.entries()
     rows = [("name", "state/param", "paper", "chain")]
-    rows += [(e.name, f"{e.state_memory}x", e.paper, chain_text(e)) for e in entries]
+    rows += [(e.name, bytes_text(e), e.paper, chain_text(e)) for e in entries]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for i, row in enumerate(rows):
         print("  ".join(f"{cell:<{w}}" for cell, w in zip(row[:3], widths)) + "  " + row[3])
         if i == 0:
             print("  ".join("-" * w for w in widths) + "  " + "-" * 5)
     print(f"\n{len(entries)} optimizers; `optcraft show NAME` for one in full. state/param: "
-          "parameter-sized state tensors kept per parameter (Adam: 2).")
+          "bytes of state kept per parameter of a float32 1024x1024 weight, from the blocks' "
+          "specifications (Adam: 8 B).")
     return 0
 
 

@@ -1,8 +1,10 @@
 """The named optimizers of fastai's optimizer module (seed 001): each a chain of blocks.
 
 Every recipe takes fastai's names (`mom`, `sqr_mom`, `wd`) and torch's (`momentum`, `betas`,
-`weight_decay`), `impl` (see `optcraft.engine`) and `master_weights` (see `optcraft.precision`).  `decouple_wd=True` decays the weights
-directly (AdamW-style); `False` adds `wd * p` to the gradient (L2 regularisation).
+`weight_decay`), `impl` (see `optcraft.engine`) and `master_weights` (see `optcraft.precision`).  `decouple_wd=True`
+decays the weights directly (AdamW-style); `False` adds `wd * p` to the gradient (L2
+regularisation).  Momentum (`mom`) is a hyperparameter like any other: given per group, changed
+later or cycled by a scheduler, it takes effect (its buffer is made when it first is not 0).
 """
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from functools import partial
 
 from ..blocks import (adam_step, average_grad, average_sqr_grad, l2_reg, lamb_blocks,
                       larc_layer_lr, larc_step, momentum_step, qhadam_step, radam_step,
-                      rms_prop_step, sgd_step, step_stat, weight_decay)
+                      rms_prop_step, step_stat, weight_decay)
 from ..hypers import torch_names
 from ..optimizer import Optimizer
 from ..wrappers import Lookahead
@@ -22,21 +24,18 @@ def decay(decouple_wd: bool):
 
 @torch_names
 def SGD(params, lr, mom=0.0, wd=0.0, decouple_wd=True, impl="auto", master_weights=True):
-    """SGD, with momentum when `mom > 0`: `grad_avg <- mom * grad_avg + g`, `p <- p - lr * grad_avg`."""
-    cbs = [decay(decouple_wd)]
-    if mom != 0:
-        cbs.append(average_grad)
-    cbs.append(sgd_step if mom == 0 else momentum_step)
+    """SGD, with momentum while `mom > 0`: `grad_avg <- mom * grad_avg + g`,
+    `p <- p - lr * grad_avg` (torch's SGD without dampening)."""
+    cbs = [decay(decouple_wd), average_grad, momentum_step]
     return Optimizer(params, cbs, lr=lr, mom=mom, wd=wd, impl=impl, master_weights=master_weights)
 
 
 @torch_names
 def RMSProp(params, lr, sqr_mom=0.99, mom=0.0, wd=0.0, decouple_wd=True, impl="auto", master_weights=True):
-    """RMSProp (Hinton, 2012): `p <- p - lr * d / (sqrt(sqr_avg) + eps)`, d the gradient or its
-    momentum average when `mom > 0`; `sqr_mom` is the course's alpha."""
-    cbs = [decay(decouple_wd)]
-    cbs += [average_sqr_grad] if mom == 0 else [average_grad, average_sqr_grad]
-    cbs.append(rms_prop_step)
+    """RMSProp (Hinton, 2012): `p <- p - lr * d / (sqrt(sqr_avg) + eps)`, d the gradient or, while
+    `mom > 0`, its momentum `grad_avg <- mom * grad_avg + g` (fastai's: on the raw gradient);
+    `sqr_mom` is the course's alpha."""
+    cbs = [decay(decouple_wd), average_grad, average_sqr_grad, rms_prop_step]
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, wd=wd, impl=impl, master_weights=master_weights)
 
 
@@ -73,10 +72,7 @@ def Larc(params, lr, mom=0.9, clip=True, trust_coeff=0.02, eps=1e-8, wd=0.0, dec
          impl="auto", master_weights=True):
     """LARC (`clip=True`) or LARS (`clip=False`) (You et al., 2017): SGD with momentum at a
     per-layer learning rate `lr * trust_coeff * |p| / (|g| + wd |p| + eps)`."""
-    cbs = [decay(decouple_wd)]
-    if mom != 0:
-        cbs.append(average_grad)
-    cbs += [partial(larc_layer_lr, clip=clip), larc_step]
+    cbs = [decay(decouple_wd), average_grad, partial(larc_layer_lr, clip=clip), larc_step]
     return Optimizer(params, cbs, lr=lr, mom=mom, trust_coeff=trust_coeff, eps=eps, wd=wd,
                      impl=impl, master_weights=master_weights)
 

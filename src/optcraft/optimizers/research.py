@@ -22,7 +22,7 @@ from ..blocks.research import (average_deviation, badam_step, centralize_grad, c
                                mean_abs_param, record_channel_rms, restore_channel_rms,
                                sadam_step, scale_grad_to_param, sign_grad, stable_adam_step,
                                unit_momentum_step)
-from ..engine import resolve
+from ..engine import Chain, resolve
 from ..hypers import torch_names
 from ..optimizer import Optimizer
 from ..predicates import conv_not_cinEq256_coutLt256, conv_weight
@@ -181,7 +181,7 @@ def with_blocks(opt: Optimizer, before=(), after=()) -> Optimizer:
                         f"optimizer it wraps), got {type(opt).__name__}")
     cbs = [*before, *opt.cbs, *after]
     impl = "auto" if opt.impl == "fused" else opt.impl
-    resolve(impl, cbs)
+    resolve(impl, Chain(cbs))
     new = Optimizer([dict(g) for g in opt.param_groups], cbs, impl=impl,
                     master_weights=opt.master_weights)
     for p, st in opt.state.items():

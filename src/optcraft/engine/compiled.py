@@ -6,19 +6,21 @@ operations as a graph of aten operations; that graph goes to inductor as it is
 (`torch._inductor.standalone_compile`, or `torch.compile` on a torch without it).  dynamo, which
 `torch.compile` of the chain itself would use, interprets the blocks' Python bytecode by
 bytecode, and the chain's Python cost it about a second a graph, in every process, warm cache or
-not: Lamb's first compiled step on GPT-2 small took 9 to 12 s from a warm cache, and takes 3 to
-5 s traced so.  The blocks are traced as they are.  Traced, `TensorList` arithmetic is written
-tensor by tensor rather than as `torch._foreach_*` calls (see `optcraft.tensorlist._foreach` and
-`tensorlist.compiling`): inductor fuses a tensor's operations into one loop, so a chain of five
-blocks reads and writes each tensor about once instead of once per block.
+not.  The blocks are traced as they are.  Traced, `TensorList` arithmetic is written the way
+`optcraft.compiler_hints` says (tensor by tensor rather than as `torch._foreach_*` calls, among
+others): inductor fuses a tensor's operations into one loop, so a chain of five blocks reads and
+writes each tensor about once instead of once per block.
 
 What keeps it from compiling again:
 
 * every numeric hyperparameter and numeric state value (`lr`, `mom`, `wd`, `step`, ...) enters the
   graph as a 0-d tensor, so a new value (a schedule, a torch scheduler, `set_hyper`) is new data,
   not a new graph; hyperparameters a block declares `static` (used in Python control flow, such as
-  RAdam's `beta`), booleans and strings are constants of the graph;
-* blocks declared `host` (the step count) run in Python before the graph, on numbers, and the
+  RAdam's `beta`), booleans and strings are constants of the graph; a `switches` hyperparameter
+  (SGD's momentum, a weight decay) is the number 0 while it is 0 (its part of the chain is then
+  left out of the graph) and a tensor otherwise;
+* blocks that read numbers (`reads="numbers"`: the step count) run in Python before the graph,
+  on numbers, and the
   graph is handed their results as 0-d tensors at their place in the chain: the new step count
   is known without reading it back from the device (a `.item()` per piece would make the CPU
   wait for each piece's kernels on a GPU);
@@ -27,30 +29,29 @@ What keeps it from compiling again:
   dynamo's guards would check), and the state a step leaves keeps the signature it was traced
   for;
 * the first step runs eagerly (foreach), which creates the state; the kind of bucket that
-  holds all the state the chain's blocks declare compiles at once (at the second step), with the
-  state it will keep.
+  holds all the state the chain's blocks declare for it compiles at once (at the second step),
+  with the state it will keep.
 
 What gets compiled, and in what pieces (`split_bucket`): a bucket's tensors of at least
-`tensorlist.PER_TENSOR_MIN_NUMEL` elements, grouped by shape, at most `CHUNK_TENSORS` to a graph.
+`compiler_hints.PER_TENSOR_MIN_NUMEL` elements, grouped by shape, at most `CHUNK_TENSORS` to a graph.
 A model repeats its layers, so most pieces are alike and share one compiled function: GPT-2
 small's 50 large tensors need 6 graphs, where one graph of them all took over a minute to
 compile (inductor's scheduling grows faster than the graph).  Smaller tensors (biases, norms)
 stay on the foreach path: one kernel per operation over all of them is cheaper than inductor's
 loop per tensor, and costs no compiling.
 
-Where the traced graph is cut (`tensorlist.end_graph`, each part compiled as a graph of its own,
-fed what the one before computed): inside a block that says so (the per-channel blocks of
-`blocks.research`, around an inductor failure, see `_end_graph` there), and, on a CPU, after each
-block declared `ends_graph` (`CompiledChain.chain_on` puts `cut` there).  LAMB's trust ratio is
-such a block: it needs whole-tensor norms of an update made from the moments the blocks before it
-have just changed.  In one graph inductor sums the norms in one loop and then, in a second,
+Where the traced graph is cut (`compiler_hints.end_graph`, each part compiled as a graph of its
+own, fed what the one before computed): after a per-channel reduction (`TensorList.channel_rms`,
+around an inductor failure), and, on a CPU, after LAMB's trust ratio, which this path runs in a
+form of its own (`COMPILED_FORMS`, `lamb_trust_ratio_stored`): it needs whole-tensor norms of an
+update made from the moments the blocks before it have just changed.  In one graph inductor sums the norms in one loop and then, in a second,
 computes the moments again from the gradient, stores them and moves the parameter (it does not
 store an updated input in a reduction's loop when the graph reads it again), so each element of
 the gradient, moments and parameter is read twice.  Cut after the trust ratio, the first graph's
 loop reads them once, stores the moments and sums the norms; the second reads the stored moments
 and the parameter (seven tensors read per element instead of eight).  On a CPU, whose caches
 write back a line just read at little more than the cost of the read, reads are what a step pays
-for: Lamb on GPT-2 small about 7% faster.  On a GPU, where every byte moved counts alike, both
+for.  On a GPU, where every byte moved counts alike, both
 forms move as many bytes, and the chain stays one graph.
 
 Compiled code is cached across processes by inductor's on-disk cache (`TORCHINDUCTOR_CACHE_DIR`,
@@ -72,9 +73,14 @@ from torch.fx.passes.split_module import split_module
 from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
 from torch.utils import _pytree as pytree
 
-from . import tensorlist
-from .blocks.base import block, unwrap_partial, vectorised
-from .tensorlist import ParamList, TensorList, end_graph
+from .. import compiler_hints as hints
+from ..blocks.base import block, is_zero, spec_of, vectorised
+from ..blocks.layerwise import _LAMB, lamb_direction, lamb_ratio, lamb_trust_ratio
+from ..blocks.base import transient
+from ..tensorlist import ParamList, TensorList
+from .buckets import Bucket, chunks, make_buckets
+from .chain import Chain, Stage, apply
+from .foreach import MIN_CHUNK_NUMEL, ForeachPath
 
 _NUMBER = (int, float)
 
@@ -82,53 +88,27 @@ _NUMBER = (int, float)
 CHUNK_TENSORS = 4
 
 
-def split_bucket(bucket) -> list:
-    """The compiled path's pieces of a bucket: its small tensors (run eagerly, see
-    `CompiledChain`) in chunks of at most `engine.MIN_CHUNK_NUMEL` elements, as the foreach path
-    has them, then its large ones grouped by shape in chunks of `CHUNK_TENSORS`."""
-    from .engine import MIN_CHUNK_NUMEL, _chunks  # the engine imports this module
-
-    grad_of = {id(p): g for p, g in zip(bucket.params, bucket.grads)}
-    small, by_shape = [], {}
-    for p in bucket.params:
-        if _is_small(p):
-            small.append(p)
-        else:
-            by_shape.setdefault(tuple(p.shape), []).append(p)
-    pieces = _chunks(small, MIN_CHUNK_NUMEL)
-    for same in by_shape.values():
-        pieces += [same[i:i + CHUNK_TENSORS] for i in range(0, len(same), CHUNK_TENSORS)]
-    return [type(bucket)(piece, [grad_of[id(p)] for p in piece], bucket.tensor_keys,
-                         bucket.scalars) for piece in pieces]
-
-
 def _is_small(t: torch.Tensor) -> bool:
-    return t.numel() < tensorlist.PER_TENSOR_MIN_NUMEL
-
-
-def static_names(cbs: Sequence[Callable]) -> frozenset[str]:
-    """Hyperparameters some block of the chain uses in Python control flow."""
-    names = set()
-    for cb in cbs:
-        fn, _ = unwrap_partial(cb)
-        names.update(getattr(fn, "static", ()))
-    return frozenset(names)
+    return t.numel() < hints.PER_TENSOR_MIN_NUMEL
 
 
 def _is_number(v) -> bool:
     return isinstance(v, _NUMBER) and not isinstance(v, bool)
 
 
-class CompiledChain:
-    """The compiled bucket steps of one optimizer, one compiled function per kind of bucket."""
+class CompiledPath(ForeachPath):
+    """The compiled bucket steps of one chain, one compiled function per kind of piece and stage.
 
-    def __init__(self, cbs: Sequence[Callable]):
-        self.cbs = list(cbs)
-        self.static = static_names(cbs)
+    Pieces (`buckets`): a bucket's small tensors (run eagerly on the foreach path) in chunks of
+    at most `foreach.MIN_CHUNK_NUMEL` elements, as the foreach path has them, then its large ones
+    grouped by shape in chunks of `CHUNK_TENSORS`."""
+
+    name = "compiled"
+
+    def __init__(self, chain: Chain):
+        super().__init__(chain)
         self.functions: dict[tuple, TracedStep] = {}
         self.first_seen: dict[tuple, int] = {}  # kind of piece -> the step that first met it
-        self.state_names = frozenset(name for cb in self.cbs
-                                     for name in getattr(unwrap_partial(cb)[0], "state_names", ()))
         self.steps = 0
         self._scalars: dict[tuple, tuple] = {}  # slot -> (0-d tensor, the value it holds)
         self.untraceable: set[tuple] = set()  # kinds of piece run eagerly (see `Untraceable`)
@@ -140,27 +120,44 @@ class CompiledChain:
         return sum(fn.compiles for fn in self.functions.values())
 
     def begin_step(self) -> None:
-        """Called by the engine before each optimizer step's pieces."""
         self.steps += 1
 
-    def __call__(self, bucket, state, hyper: dict, params, eager: Callable) -> dict:
+    def buckets(self, params, state) -> list[Bucket]:
+        pieces = []
+        for bucket in make_buckets(params, state):
+            small, by_shape = [], {}
+            for p in bucket.params:
+                if _is_small(p):
+                    small.append(p)
+                else:
+                    by_shape.setdefault(tuple(p.shape), []).append(p)
+            found = chunks(small, MIN_CHUNK_NUMEL) if small else []
+            for same in by_shape.values():
+                found += [same[i:i + CHUNK_TENSORS] for i in range(0, len(same), CHUNK_TENSORS)]
+            pieces += [bucket.with_params(piece) for piece in found]
+        return pieces
+
+    def run(self, stage: Stage, bucket, params: ParamList, values: dict, hyper: dict) -> dict:
+        eager = functools.partial(super().run, stage, bucket, params, values, hyper)
         if all(_is_small(t) for t in params.tensors):
-            return eager()  # small tensors: the foreach path (see `split_bucket`)
-        values = bucket.gather(state)
-        constants = {k: v for k, v in {**values, **hyper}.items()
-                     if not isinstance(v, list) and not _is_tensor_list(v)
-                     and (k in self.static or not _is_number(v))}
-        key = (params.tensors[0].device, params.tensors[0].dtype,
+            return eager()  # small tensors: the foreach path (see `buckets`)
+        static, switches = self.chain.static, self.chain.switches
+        merged = {**values, **hyper}
+        constants = {k: v for k, v in merged.items()
+                     if not isinstance(v, (list, TensorList))
+                     and (k in static or not _is_number(v) or (k in switches and is_zero(v)))}
+        stage_index = self.chain.stages.index(stage)
+        key = (stage_index, params.tensors[0].device, params.tensors[0].dtype,
                tuple(tuple(t.shape) for t in params.tensors),
-               tuple(sorted(bucket.tensor_keys)), tuple(sorted((k, repr(v))
-                                                               for k, v in constants.items())))
+               tuple(sorted(k for k, v in values.items() if isinstance(v, TensorList))),
+               tuple(sorted((k, repr(v)) for k, v in constants.items())))
         # A kind of piece whose state is still to be made runs eagerly, all its pieces, however
         # many, at the step that first meets it: a graph traced then (for the second piece of a
         # shape) would hold the state's creation, used once and compiled for nothing.  With all
-        # the state the chain's blocks declare, the kind compiles at once (a chain that declares
-        # none may still make some: it waits a step).
-        present = {*bucket.tensor_keys, *bucket.scalars}
-        complete = bool(self.state_names) and self.state_names <= present
+        # the state the chain's blocks declare for it, the kind compiles at once (a chain that
+        # declares none may still make some: it waits a step).
+        required = self.chain.required_state(bucket.params[0])
+        complete = bool(required) and required <= set(values)
         if key in self.untraceable or (
                 not complete and self.first_seen.setdefault(key, self.steps) == self.steps):
             return eager()
@@ -169,14 +166,11 @@ class CompiledChain:
         device = params.tensors[0].device
         fn = self.functions.get(key)
         if fn is None:
-            fn = self.functions[key] = TracedStep(self.chain_on(device))
+            fn = self.functions[key] = TracedStep(self.chain_on(stage.cbs, device))
         numbers = {k: self._as_tensor(k, v, dtype, device)
-                   for k, v in {**values, **hyper}.items()
-                   if k not in constants and _is_number(v)}
-        state_values = {k: v for k, v in values.items() if k not in numbers}
-        hyper_values = {k: v for k, v in hyper.items() if k not in numbers}
-        inputs = {**state_values, **{k: numbers[k] for k in values if k in numbers}}
-        hypers = {**hyper_values, **{k: numbers[k] for k in hyper if k in numbers}}
+                   for k, v in merged.items() if k not in constants and _is_number(v)}
+        inputs = {k: numbers.get(k, v) for k, v in values.items()}
+        hypers = {k: numbers.get(k, v) for k, v in hyper.items()}
         after_host, given = _run_host_blocks(fn.cbs, fn.host, params, values, hyper)
         given = {i: {k: self._as_tensor(f"{k}@{i}", v, dtype, device) for k, v in out.items()}
                  for i, out in given.items()}
@@ -186,7 +180,7 @@ class CompiledChain:
         except Untraceable as e:  # traced on fake tensors: nothing has changed yet
             self.untraceable.add(key)
             warnings.warn(f"impl='compiled' runs this chain eagerly (the foreach path) for "
-                          f"parameters of shapes {key[2]}: {e}. Written with tensor operations "
+                          f"parameters of shapes {key[3]}: {e}. Written with tensor operations "
                           f"(optcraft.tensorlist.where for a choice), it compiles.", stacklevel=7)
             return eager()
         result = {k: TensorList(v) if isinstance(v, list) else v for k, v in result.items()}
@@ -199,18 +193,23 @@ class CompiledChain:
                 result[k] = _read_back(v, like=values[k])
         return result
 
-    def chain_on(self, device: torch.device) -> list:
-        """The chain as it is traced on `device`: on a CPU with `cut` after each block declared
-        `ends_graph` (but the last), so that each part is a graph of its own; whole elsewhere
-        (see the module docstring)."""
-        if device.type != "cpu":
-            return self.cbs
-        chain = []
-        for i, cb in enumerate(self.cbs):
-            chain.append(cb)
-            if i < len(self.cbs) - 1 and getattr(unwrap_partial(cb)[0], "ends_graph", False):
-                chain.append(cut)
-        return chain
+    @staticmethod
+    def chain_on(cbs: list, device: torch.device) -> list:
+        """The blocks as they are traced on `device`: each block that has a compiled form
+        (`COMPILED_FORMS`) in that form, and on a CPU a `cut` after each such form that ends a
+        graph (but the last block)."""
+        traced = []
+        for i, cb in enumerate(cbs):
+            spec, bound = spec_of(cb)
+            form = COMPILED_FORMS.get(spec.name) if spec is not None else None
+            if form is None:
+                traced.append(cb)
+                continue
+            replacement, ends_graph = form
+            traced.append(functools.partial(replacement, **bound) if bound else replacement)
+            if ends_graph and device.type == "cpu" and i < len(cbs) - 1:
+                traced.append(cut)
+        return traced
 
     def _as_tensor(self, key: str, value, dtype, device) -> torch.Tensor:
         """A 0-d tensor holding `value`, reused step after step (filled in place), so the graph
@@ -224,6 +223,45 @@ class CompiledChain:
             t.fill_(value)
             self._scalars[slot] = (t, value)
         return t
+
+
+def _stored(t: TensorList) -> TensorList:
+    """`t`; on a CPU, `t` as written back to its own memory (for a `ParamList`, the parameters
+    so, with their gradients): inductor computes a tensor that the graph updates in place wherever
+    it is read, and writes it back in a loop of its own.  Read through an identity `as_strided`
+    (`compiler_hints.materialised`), the new values are written once, in the first loop that reads
+    them, and that can be a reduction's loop.  Only where nothing later in the graph reads the
+    values: inductor would then keep them in a temporary."""
+    if not hints.compiling_for_cpu(t.tensors):
+        return t
+    values = [hints.materialised(x) for x in t.tensors]
+    return ParamList(values, t.grad) if isinstance(t, ParamList) else TensorList(values)
+
+
+@block(**_LAMB, state=dict(trust_ratio=transient))
+def lamb_trust_ratio_stored(p, mom, step, sqr_mom, grad_avg, sqr_avg, eps, eps_root=0.0, wd=0.0,
+                            do_wd=True, norm="rms", wd_in_ratio=False, max_ratio=10.0, **kwargs):
+    """`lamb_trust_ratio` as this path runs it: the trust ratio alone is handed on (the update
+    would be a parameter-sized temporary: `lamb_step` computes it again in the loop that moves
+    `p`), and on a CPU the norms are one reduction over the whole tensor taken of the moments as
+    stored (`_stored`): the loop that sums the norms then also writes the moments the blocks
+    before it updated, and the graph after the cut reads them back instead of computing them
+    again from the gradient (seven tensors read per element instead of eight)."""
+    p, grad_avg, sqr_avg = _stored(p), _stored(grad_avg), _stored(sqr_avg)
+    update = lamb_direction(p, mom, step, sqr_mom, grad_avg, sqr_avg, eps, eps_root, wd, do_wd,
+                            wd_in_ratio)
+    if hints.compiling_for_cpu(p.tensors):
+        with hints.flat_norms():
+            return {"trust_ratio": lamb_ratio(p, update, norm, max_ratio)}
+    return {"trust_ratio": lamb_ratio(p, update, norm, max_ratio)}
+
+
+#: Blocks this path runs in a form of its own (block name -> (form, whether a CPU graph ends
+#: after it)), as the fused path runs chains as torch's kernels: the same numbers, written for
+#: inductor.  The algorithm stays in the block; the form only changes how it is computed.
+COMPILED_FORMS: dict[str, tuple[Callable, bool]] = {
+    lamb_trust_ratio.spec.name: (lamb_trust_ratio_stored, True),
+}
 
 
 def _run_host_blocks(chain, host: Sequence[int], params, values: dict,
@@ -244,9 +282,9 @@ def _run_host_blocks(chain, host: Sequence[int], params, values: dict,
 
 @block
 def cut(p, **kwargs):
-    """The compiled path's graph ends here (`tensorlist.end_graph`): what follows is a graph of
-    its own.  `CompiledChain.chain_on` puts it after the blocks declared `ends_graph`."""
-    end_graph()
+    """The compiled path's graph ends here (`compiler_hints.end_graph`): what follows is a graph
+    of its own.  `CompiledPath.chain_on` puts it after the compiled forms that end a graph."""
+    hints.end_graph()
 
 
 def _read_back(t: torch.Tensor, like):
@@ -268,12 +306,10 @@ def _bucket_step(cbs, params, grads, values, hyper, given) -> dict[str, Any]:
     """The traced function: the chain over plain lists of tensors (what pytree flattens), as
     `TensorList`s inside; the host blocks' results, `given` by their place in the chain, stand in
     for those blocks."""
-    from .engine import apply_chain  # the engine imports this module
-
     values = {k: TensorList(v) if isinstance(v, list) else v for k, v in values.items()}
     cbs = [functools.partial(_given, result=given[i]) if i in given else cb
            for i, cb in enumerate(cbs)]
-    result = apply_chain(cbs, ParamList(params, grads), values, hyper)
+    result = apply(cbs, ParamList(params, grads), values, hyper)
     return {k: _plain(v) for k, v in result.items()}
 
 
@@ -300,7 +336,7 @@ class TracedStep:
     def __init__(self, cbs: Sequence[Callable]):
         self.cbs = list(cbs)
         self.host = [i for i, cb in enumerate(self.cbs)  # run before the graph, in Python
-                     if getattr(unwrap_partial(cb)[0], "host", False)]
+                     if spec_of(cb)[0] is not None and spec_of(cb)[0].reads == "numbers"]
         self.graphs: dict[tuple, _Graph] = {}
         self.compiles = 0
 
@@ -363,7 +399,7 @@ class _Graph:
             return computed
 
         example = [leaves[i] for i in self.inputs]
-        with tensorlist.tracing() as cuts:
+        with hints.tracing() as cuts:
             try:
                 graph = make_fx(flat_step, tracing_mode="fake")(*example)
             except (GuardOnDataDependentSymNode, DataDependentOutputException,

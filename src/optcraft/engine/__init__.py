@@ -1,0 +1,176 @@
+"""Execution: how a chain of blocks runs over an optimizer's parameter groups.
+
+No algorithm knows which path runs it.  `step` splits each group's parameters (those with a
+gradient) into buckets (`buckets`) and runs the chain (`chain.Chain`) on each with one of the
+paths, one class each behind one interface (`path.Path`):
+
+* ``reference`` (`reference.ReferencePath`): one parameter at a time, the semantics oracle of
+  the tests;
+* ``foreach`` (`foreach.ForeachPath`): every bucket at once through `TensorList`
+  (torch._foreach_* kernels);
+* ``fused`` (`fused.FusedPath`): torch's own kernel where the chain is exactly one of them;
+* ``compiled`` (`compiled.CompiledPath`): the chain traced and compiled by inductor;
+* ``auto``: ``fused`` where the chain is one of torch's kernels, else ``foreach``.
+
+What every path shares is here: float32 master copies of half-precision parameters, real views of
+complex ones, writing the state back, the stages of a chain (a block that reads every parameter at
+once runs between them, once per group, on values summed over every parameter), and the group's
+own state (`group["group_state"]`).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+from .. import precision
+from ..blocks.base import vectorised
+from ..distributed import sum_over_ranks
+from ..tensorlist import ParamList, TensorList
+from .buckets import Bucket, as_real, make_buckets
+from .chain import Chain, Stage
+from .compiled import CompiledPath
+from .foreach import ForeachPath
+from .fused import FusedPath, recognise
+from .path import Path
+from .reference import ReferencePath
+
+IMPLS = ("auto", "reference", "foreach", "fused", "compiled")
+PATHS: dict[str, type[Path]] = {"reference": ReferencePath, "foreach": ForeachPath,
+                                "fused": FusedPath, "compiled": CompiledPath}
+#: Group keys that are not hyperparameters: the parameters, their names, the chain a routed
+#: group runs, and the state kept per group (see `blocks.base.group`).
+GROUP_STATE = "group_state"
+HIDDEN_GROUP_KEYS = ("params", "param_names", "chain", GROUP_STATE)
+
+__all__ = ["IMPLS", "PATHS", "Chain", "Path", "check_impl", "resolve", "path_for", "step",
+           "hypers_of", "HIDDEN_GROUP_KEYS", "GROUP_STATE", "group_state_of"]
+
+
+def check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+    return impl
+
+
+def resolve(impl: str, chain: Chain) -> str:
+    """The path `impl` runs `chain` on: "auto" is "fused" where torch has a kernel for the chain,
+    else "foreach"; "fused" for a chain torch has no kernel for is an error."""
+    if impl == "auto":
+        return "fused" if recognise(chain) is not None else "foreach"
+    if impl == "fused":
+        FusedPath(chain)  # raises, naming the chain, where torch has no kernel for it
+    return impl
+
+
+def path_for(impl: str, chain: Chain) -> Path:
+    """The path object that runs `chain` for `impl` (resolved)."""
+    return PATHS[resolve(impl, chain)](chain)
+
+
+def hypers_of(group: dict) -> dict[str, Any]:
+    return {k: v for k, v in dict.items(group) if k not in HIDDEN_GROUP_KEYS}
+
+
+def group_state_of(group: dict, chain: Chain) -> dict:
+    """The group's own state (what the chain's blocks keep per group), made with its defaults."""
+    found = group.get(GROUP_STATE)
+    if found is None:
+        found = group[GROUP_STATE] = {}
+    for name, rule in chain.group_state.items():
+        found.setdefault(name, rule.default)
+    return found
+
+
+def _plain_scalars(hyper: dict) -> dict:
+    """Eager paths take Python numbers: a one-element tensor hyperparameter (a tensor lr) is read
+    once."""
+    out = {}
+    for k, v in hyper.items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.requires_grad:
+            v = v.item()
+        out[k] = v
+    return out
+
+
+def step(chain: Chain, path: Path, groups: Iterable[dict], state,
+         master_weights: bool = True) -> None:
+    """One optimizer step of `chain` over `groups` on `path`."""
+    groups = list(groups)
+    path.begin_step()
+    plan = []
+    for group in groups:
+        hyper = _plain_scalars(hypers_of(group))
+        values = dict(group_state_of(group, chain)) if chain.group_state or \
+            GROUP_STATE in group else {}
+        plan.append((group, hyper, values, path.buckets(group["params"], state)))
+    for stage in chain.stages:
+        sums: dict[str, list] = {}
+        for group, hyper, values, buckets in plan:
+            for bucket in buckets:
+                run_bucket(path, stage, bucket, state, values, hyper, master_weights, sums)
+        if stage.all_block is not None:
+            totals = {k: sum_over_ranks(v) for k, v in sums.items()}
+            for name in chain.summed:
+                totals.setdefault(name, 0.0)
+            for group, hyper, values, buckets in plan:
+                _run_all_block(chain, stage.all_block, group, hyper, values, totals, state)
+
+
+def run_bucket(path: Path, stage: Stage, bucket: Bucket, state, group_values: dict, hyper: dict,
+               master_weights: bool, sums: dict) -> None:
+    """A stage of the chain on one bucket, and the new state written back.  Half-precision
+    parameters run on their float32 master copies (see `optcraft.precision`), complex ones as
+    their real views; what the chain hands on (`transient`) is dropped, and what it sums over all
+    parameters (`summed`) is added to `sums`."""
+    with_master = precision.uses_master(bucket.params[0].dtype, master_weights)
+    if with_master:
+        masters = precision.masters_of(bucket.params, state)
+        params = ParamList(masters, precision.upcast(bucket.grads))
+    elif bucket.params[0].is_complex():  # (a bucket holds one dtype)
+        params = ParamList([as_real(p) for p in bucket.params],
+                           [as_real(g) for g in bucket.grads])
+    else:
+        params = ParamList(bucket.params, bucket.grads)
+    values = {**group_values, **bucket.gather(state)}
+    values.pop(precision.MASTER, None)
+    values = path.run(stage, bucket, params, values, hyper)
+    values.pop(precision.MASTER, None)
+    for name in group_values:
+        values.pop(name, None)
+    for name in path.chain.transient:
+        values.pop(name, None)
+    for name in path.chain.summed:
+        value = values.pop(name, None)
+        if value is not None:
+            sums.setdefault(name, []).append(value)
+    bucket.scatter(state, values)
+    if with_master:
+        precision.write_back(bucket.params, masters)
+
+
+def _run_all_block(chain: Chain, cb, group: dict, hyper: dict, values: dict, totals: dict,
+                   state) -> None:
+    """A block that reads every parameter at once, for one group: it gets the values summed over
+    every parameter, the group's state and its hyperparameters; what it returns under the names
+    of group state is kept in the group, the rest goes to the group's later stages."""
+    params = [p for p in group["params"] if p.grad is not None]
+    result = vectorised(cb)(ParamList(params, [p.grad for p in params]),
+                            **{**values, **totals, **hyper}) or {}
+    kept = group_state_of(group, chain)
+    for name, value in result.items():
+        if name in chain.group_state:
+            kept[name] = value
+        values[name] = value
+
+
+def move_to_point(move, p: torch.Tensor, st: dict, values: dict, master_weights: bool) -> None:
+    """`move(params, **state_and_values)`, a block's `eval_point` function, on one parameter (its
+    float32 master where it has one, else its real view), then the master rounded back in."""
+    with_master = precision.uses_master(p.dtype, master_weights) and precision.MASTER in st
+    target = st[precision.MASTER] if with_master else as_real(p)
+    own = {k: TensorList([as_real(v)]) if isinstance(v, torch.Tensor) else v
+           for k, v in st.items() if k != precision.MASTER}
+    move(ParamList([target], [None]), **{**values, **own})
+    if with_master:
+        precision.write_back([p], [target])
