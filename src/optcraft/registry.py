@@ -31,7 +31,9 @@ from .optimizers import classic
 EXECUTION_KEYWORDS = ("impl", "master_weights")
 
 #: Modules whose recipes join the registry when they can be imported.
-OPTIONAL_MODULES = ("optcraft.optimizers.research",)
+OPTIONAL_MODULES = ("optcraft.optimizers.research", "optcraft.optimizers.torch_family",
+                    "optcraft.optimizers.modern", "optcraft.optimizers.matrix",
+                    "optcraft.optimizers.lr_free")
 
 
 @dataclass(frozen=True)
