@@ -76,18 +76,30 @@ def _none_of(tests, t) -> bool:
     return not any(test(t) for test in tests)
 
 
+def as_made(t: torch.Tensor) -> torch.Tensor:
+    """The parameter as the user made it: the engine hands blocks a complex parameter as its real
+    view (a trailing dimension of 2, `torch.view_as_real`), and a predicate must see the complex
+    tensor's own shape (a complex 4x3 weight is a matrix, not a convolution weight)."""
+    base = t._base
+    if base is not None and base.is_complex() and not t.is_complex() and \
+            t.dim() == base.dim() + 1 and t.shape[-1] == 2 and t.shape[:-1] == base.shape:
+        return base
+    return t
+
+
 def _is_conv_weight(t) -> bool:
-    return t.ndim >= 3
+    return as_made(t).ndim >= 3
 
 
 def _is_notebook_conv(t) -> bool:
+    t = as_made(t)
     if t.ndim < 4:
         return False
     return not (t.shape[1] == 256 and t.shape[0] < 256)
 
 
 def _has_ndim(ndims: frozenset, t) -> bool:
-    return t.ndim in ndims
+    return as_made(t).ndim in ndims
 
 
 def _is_one_of(tensors: tuple, t) -> bool:

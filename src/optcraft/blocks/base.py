@@ -184,8 +184,7 @@ def block(fn: Callable | None = None, *, hypers: Mapping[str, Any] | None = None
     if fn is None:
         return functools.partial(block, hypers=hypers, state=state, reads=reads, static=static,
                                  switches=switches, eval_point=eval_point)
-    spec = _checked_spec(fn, dict(hypers or {}), dict(state or {}), reads, static, switches,
-                         eval_point)
+    spec = _checked_spec(fn, hypers or {}, state or {}, reads, static, switches, eval_point)
 
     @functools.wraps(fn)
     def call(p, *args, **kwargs):
@@ -203,9 +202,12 @@ def _checked_spec(fn, hypers: dict, state: dict, reads, static, switches, eval_p
 
     def fail(message):
         raise TypeError(f"block {name}: {message}")
-    if isinstance(state, (tuple, list, str)):
+    if not isinstance(state, Mapping):
         fail(f"state must be a dict of name -> StateRule (like_param, shaped(...), scalar, "
              f"number, transient, group(...), summed), got {state!r}")
+    if not isinstance(hypers, Mapping):
+        fail(f"hypers must be a dict of name -> default, got {hypers!r}")
+    hypers, state = dict(hypers), dict(state)
     for key, rule in state.items():
         if not isinstance(rule, StateRule):
             fail(f"state {key!r} must be a StateRule (like_param, shaped(...), scalar, number, "
