@@ -33,6 +33,7 @@ Scalar = "float | int | torch.Tensor | TensorList"
 
 
 def _is_number(x) -> bool:
+    """A Python scalar in arithmetic (a bool counts as 0 or 1)."""
     return isinstance(x, (int, float, bool)) and not isinstance(x, torch.Tensor)
 
 

@@ -32,7 +32,7 @@ What keeps it from compiling again:
   holds all the state the chain's blocks declare for it compiles at once (at the second step),
   with the state it will keep.
 
-What gets compiled, and in what pieces (`split_bucket`): a bucket's tensors of at least
+What gets compiled, and in what pieces (`CompiledPath.buckets`): a bucket's tensors of at least
 `compiler_hints.PER_TENSOR_MIN_NUMEL` elements, grouped by shape, at most `CHUNK_TENSORS` to a graph.
 A model repeats its layers, so most pieces are alike and share one compiled function: GPT-2
 small's 50 large tensors need 6 graphs, where one graph of them all took over a minute to
@@ -92,7 +92,9 @@ def _is_small(t: torch.Tensor) -> bool:
     return t.numel() < hints.PER_TENSOR_MIN_NUMEL
 
 
-def _is_number(v) -> bool:
+def _is_graph_number(v) -> bool:
+    """Whether `v` enters the graph as a 0-d tensor: a number, but not a bool (a flag, which is a
+    constant of the graph; `tensorlist`'s arithmetic takes bools as numbers)."""
     return isinstance(v, _NUMBER) and not isinstance(v, bool)
 
 
@@ -145,7 +147,7 @@ class CompiledPath(ForeachPath):
         merged = {**values, **hyper}
         constants = {k: v for k, v in merged.items()
                      if not isinstance(v, (list, TensorList))
-                     and (k in static or not _is_number(v) or (k in switches and is_zero(v)))}
+                     and (k in static or not _is_graph_number(v) or (k in switches and is_zero(v)))}
         stage_index = self.chain.stages.index(stage)
         key = (stage_index, params.tensors[0].device, params.tensors[0].dtype,
                tuple(tuple(t.shape) for t in params.tensors),
@@ -168,7 +170,7 @@ class CompiledPath(ForeachPath):
         if fn is None:
             fn = self.functions[key] = TracedStep(self.chain_on(stage.cbs, device))
         numbers = {k: self._as_tensor(k, v, dtype, device)
-                   for k, v in merged.items() if k not in constants and _is_number(v)}
+                   for k, v in merged.items() if k not in constants and _is_graph_number(v)}
         inputs = {k: numbers.get(k, v) for k, v in values.items()}
         hypers = {k: numbers.get(k, v) for k, v in hyper.items()}
         after_host, given = _run_host_blocks(fn.cbs, fn.host, params, values, hyper)
@@ -189,7 +191,7 @@ class CompiledPath(ForeachPath):
         for k, v in result.items():
             if k in after_host:
                 result[k] = after_host[k]
-            elif k in values and _is_number(values[k]) and isinstance(v, torch.Tensor):
+            elif k in values and _is_graph_number(values[k]) and isinstance(v, torch.Tensor):
                 result[k] = _read_back(v, like=values[k])
         return result
 
@@ -272,7 +274,7 @@ def _run_host_blocks(chain, host: Sequence[int], params, values: dict,
     for i in host:
         cb = chain[i]
         out = vectorised(cb)(params, **{**current, **hyper}) or {}
-        if not all(_is_number(v) for v in out.values()):
+        if not all(_is_graph_number(v) for v in out.values()):
             raise TypeError(f"{cb!r} is a host block but returned {out!r}: a host block returns "
                             f"numbers only")
         given[i] = out
