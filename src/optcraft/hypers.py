@@ -288,8 +288,8 @@ def torch_names(recipe):
         if groups:
             fixed = _fixed_arguments(recipe, signature, bound)
             for i, group in enumerate(groups):
-                for k in canonical_names(group, f"parameter group {i}: "):
-                    if k in fixed:
+                for k, v in canonical_names(group, f"parameter group {i}: ").items():
+                    if k in fixed and not same_value(v, fixed[k]):
                         raise ValueError(fixed_message(recipe.__name__, k, f"parameter group {i}"))
         opt = recipe(*bound.args, **bound.kwargs)
         inner = _inner(opt)
@@ -329,6 +329,16 @@ def _fixed_arguments(recipe, signature, bound) -> dict:
     inner = _inner(recipe(*probe.args, **probe.kwargs))
     hypers = {k for g in inner.param_groups for k in g}
     return {k: v for k, v in _arguments(signature, bound).items() if k not in hypers}
+
+
+def same_value(a, b) -> bool:
+    """Whether a value given again for a fixed argument is the one the chain was built with
+    (ZeroRedundancyOptimizer hands its keyword arguments to the optimizer it builds in each group
+    too)."""
+    try:
+        return a is b or bool(a == b)
+    except Exception:  # noqa: BLE001 (a comparison that is not a bool: not the same)
+        return False
 
 
 def fixed_message(recipe: str, name: str, where: str) -> str:

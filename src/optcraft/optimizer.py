@@ -63,15 +63,17 @@ class _FastaiAPI:
     def unfreeze(self) -> None:
         self.freeze_to(0)
 
-    def _refuse_fixed(self, names, where: str) -> None:
+    def _refuse_fixed(self, values: dict, where: str) -> None:
         """ValueError for an argument that chose the chain at construction (see
-        `hypers.torch_names`): it cannot be given per group or changed later."""
+        `hypers.torch_names`) given another value: it cannot be given per group or changed
+        later (the same value again is harmless: ZeroRedundancyOptimizer repeats its keyword
+        arguments in every group)."""
         inner = getattr(self, "opt", self)
         fixed = getattr(inner, "fixed_args", None) or {}
-        for name in names:
-            if name in fixed:
-                raise ValueError(hp.fixed_message(getattr(inner, "recipe_name", "the optimizer"),
-                                                  name, where))
+        for name, value in values.items():
+            if name in fixed and not hp.same_value(value, fixed[name]):
+                raise ValueError(hp.fixed_message(inner.recipe_name or "the optimizer", name,
+                                                  where))
 
     @property
     def param_lists(self) -> list[list[torch.Tensor]]:
@@ -97,7 +99,7 @@ class _FastaiAPI:
         self.set_hypers(**{k: v})
 
     def _spread_and_check(self, k, v) -> list:
-        self._refuse_fixed([k], "set_hyper")
+        self._refuse_fixed({k: v}, "set_hyper")
         hp.check_known(k, {name for h in self.hypers for name in h})
         values = hp.spread(k, v, len(self.param_lists))
         step = getattr(self, "schedule_step", 0)
@@ -298,6 +300,7 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._recorded_schedule_step()
         self._apply_schedules()
         self._check_before_step()
         paths = self._paths()
@@ -306,7 +309,21 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
             if groups:
                 engine.step(chain, paths[name], groups, self.state, self.master_weights)
         self.schedule_step += 1
+        keep = any(self._schedules)
+        for group in self.param_groups:
+            if keep or "schedule_step" in group.get(engine.GROUP_STATE, ()):
+                group.setdefault(engine.GROUP_STATE, {})["schedule_step"] = self.schedule_step
         return loss
+
+    def _recorded_schedule_step(self) -> None:
+        """While schedules are set, each group keeps the step count they see in its own state,
+        where ZeroRedundancyOptimizer's and DCP's checkpoints (which keep only `state` and
+        `param_groups`, and do not always load through `load_state_dict`) carry it: the count
+        found there is the one to go on."""
+        recorded = [g[engine.GROUP_STATE]["schedule_step"] for g in self.param_groups
+                    if isinstance(g.get(engine.GROUP_STATE, {}).get("schedule_step"), int)]
+        if recorded:
+            self.schedule_step = max(recorded)
 
     def _check_before_step(self) -> None:
         for i, group in enumerate(self.param_groups):
@@ -386,9 +403,6 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
         state (`group_state`) is in `param_groups`, where ZeroRedundancyOptimizer's consolidated
         checkpoints and torch.distributed.checkpoint keep it; so is `schedule_step` while a
         schedule is set."""
-        if any(self._schedules):
-            for group in self.param_groups:
-                group.setdefault(engine.GROUP_STATE, {})["schedule_step"] = self.schedule_step
         sd = super().state_dict()
         sd["schedule_step"] = self.schedule_step
         return sd

@@ -147,7 +147,8 @@ class CompiledPath(ForeachPath):
         merged = {**values, **hyper}
         constants = {k: v for k, v in merged.items()
                      if not isinstance(v, (list, TensorList))
-                     and (k in static or not _is_graph_number(v) or (k in switches and is_zero(v)))}
+                     and (k in static or not _is_graph_number(v)
+                          or (k in switches and is_zero(v)))}
         stage_index = self.chain.stages.index(stage)
         key = (stage_index, params.tensors[0].device, params.tensors[0].dtype,
                tuple(tuple(t.shape) for t in params.tensors),
