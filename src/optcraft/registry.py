@@ -25,10 +25,9 @@ from typing import Callable
 import torch
 
 from .blocks.base import callback_name
+from .hypers import EXECUTION_KEYWORDS
 from .optimizers import classic
 
-#: Keyword arguments of a recipe that choose how it runs, not what it computes.
-EXECUTION_KEYWORDS = ("impl", "master_weights")
 
 #: Modules whose recipes join the registry when they can be imported.
 OPTIONAL_MODULES = ("optcraft.optimizers.research", "optcraft.optimizers.torch_family",
