@@ -40,10 +40,19 @@ def RMSProp(params, lr, sqr_mom=0.99, mom=0.0, wd=0.0, decouple_wd=True, impl="a
 
 
 @torch_names
-def Adam(params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01, decouple_wd=True, impl="auto", master_weights=True):
-    """Adam (Kingma & Ba, 2015), AdamW with `decouple_wd=True` (Loshchilov & Hutter, 2019)."""
+def Adam(params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01, decouple_wd=True, impl="auto",
+         master_weights=True, cautious=False):
+    """Adam (Kingma & Ba, 2015), AdamW with `decouple_wd=True` (Loshchilov & Hutter, 2019).
+    `cautious=True`: Cautious Adam (Liang et al., 2024, arXiv:2411.16085), Adam's direction
+    `u = m_hat / (sqrt(v_hat) + eps)` masked per tensor where it disagrees in sign with the
+    gradient and rescaled by `numel / (kept + 1)` (see `blocks.elementwise.cautious`)."""
+    if cautious:
+        from ..blocks.elementwise import adam_update, cautious as mask, update_step
+        steps = [adam_update, mask, update_step]
+    else:
+        steps = [adam_step]
     cbs = [decay(decouple_wd), partial(average_grad, dampening=True), average_sqr_grad,
-           step_stat, adam_step]
+           step_stat, *steps]
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, impl=impl, master_weights=master_weights)
 
 
