@@ -201,17 +201,21 @@ def adagrad_step(p, lr, lr_decay, eps, step, sqr_avg, **kwargs):
     p.addcdiv_(p.grad, denom, value=-lr / (1 + (step - 1) * lr_decay))
 
 
-@block(hypers=dict(eps=1e-6), state=dict(delta_avg=like_param), reads="elements")
-def adadelta_step(p, lr, sqr_mom, eps, sqr_avg, delta_avg=None, **kwargs):
-    """Adadelta (Zeiler, 2012, arXiv:1212.5701), after `average_sqr_grad` (decay `sqr_mom`,
-    torch's `rho`): `d = sqrt(delta_avg + eps) / sqrt(sqr_avg + eps) * g`,
-    `delta_avg <- sqr_mom * delta_avg + (1 - sqr_mom) * d**2`, `p <- p - lr * d`."""
-    if delta_avg is None:
-        delta_avg = p.grad.zeros_like()
+@block(hypers=dict(rho=0.9, eps=1e-6), state=dict(sqr_avg=like_param, delta_avg=like_param),
+       reads="elements")
+def adadelta_step(p, lr, rho, eps, sqr_avg=None, delta_avg=None, **kwargs):
+    """Adadelta (Zeiler, 2012, arXiv:1212.5701), torch.optim's form, `rho` the decay of both
+    averages (torch's name; it is not Adam's `sqr_mom`, so a torch param group's `rho` reaches
+    it): `sqr_avg <- rho * sqr_avg + (1 - rho) * g**2`,
+    `d = sqrt(delta_avg + eps) / sqrt(sqr_avg + eps) * g`,
+    `delta_avg <- rho * delta_avg + (1 - rho) * d**2`, `p <- p - lr * d`."""
+    if sqr_avg is None:
+        sqr_avg, delta_avg = p.grad.zeros_like(), p.grad.zeros_like()
+    sqr_avg.mul_(rho).addcmul_(p.grad, p.grad, value=1 - rho)
     delta = delta_avg.add(eps).sqrt_().div_(sqr_avg.add(eps).sqrt_()).mul_(p.grad)
-    delta_avg.mul_(sqr_mom).addcmul_(delta, delta, value=1 - sqr_mom)
+    delta_avg.mul_(rho).addcmul_(delta, delta, value=1 - rho)
     p.add_(delta, alpha=-lr)
-    return {"delta_avg": delta_avg}
+    return {"sqr_avg": sqr_avg, "delta_avg": delta_avg}
 
 
 @block(hypers=dict(sqr_mom=0.999, eps=1e-8), state=dict(grad_inf=like_param), reads="elements")

@@ -47,10 +47,9 @@ def Adadelta(params, lr=1.0, rho=0.9, eps=1e-6, wd=0.0, impl="auto", master_weig
     `d = sqrt(delta_avg + eps) / sqrt(sqr_avg + eps) * g`,
     `delta_avg <- rho * delta_avg + (1 - rho) * d**2`, `p <- p - lr * d`.
 
-    Defaults: lr=1.0, rho=0.9, eps=1e-6, weight_decay=0.  `rho` is kept as the hyperparameter
-    `sqr_mom` (the decay of the squared averages)."""
-    cbs = [l2_reg, average_sqr_grad, adadelta_step]
-    return Optimizer(params, cbs, lr=lr, sqr_mom=rho, eps=eps, wd=wd, impl=impl,
+    Defaults: lr=1.0, rho=0.9, eps=1e-6, weight_decay=0."""
+    cbs = [l2_reg, adadelta_step]
+    return Optimizer(params, cbs, lr=lr, rho=rho, eps=eps, wd=wd, impl=impl,
                      master_weights=master_weights)
 
 
