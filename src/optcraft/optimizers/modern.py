@@ -14,8 +14,9 @@ where it agrees in sign with the gradient and rescaled,
 """
 from __future__ import annotations
 
-import functools
 from functools import partial
+
+import torch
 
 from ..blocks import (adam_step, average_grad, average_sqr_grad, l2_reg, lion_step, step_stat,
                       weight_decay)
@@ -32,6 +33,18 @@ def _maybe_cautious(direction, masked: bool) -> list:
     return [direction, cautious, update_step] if masked else [direction, update_step]
 
 
+def _wd_divided(params, lr):
+    """Parameter groups whose weight decay (either spelling) is divided by `lr`."""
+    if isinstance(params, torch.Tensor):
+        return params
+    out = []
+    for group in params:
+        if isinstance(group, dict):
+            group = {k: v / lr if k in ("wd", "weight_decay") else v for k, v in group.items()}
+        out.append(group)
+    return out
+
+
 @torch_names
 def Lion(params, lr=1e-4, mom=0.9, sqr_mom=0.99, wd=0.0, decoupled_weight_decay=False,
          cautious=False, impl="auto", master_weights=True):
@@ -41,10 +54,11 @@ def Lion(params, lr=1e-4, mom=0.9, sqr_mom=0.99, wd=0.0, decoupled_weight_decay=
     `grad_avg <- sqr_mom * grad_avg + (1 - sqr_mom) * g`.
 
     Defaults: lr=1e-4, betas=(0.9, 0.99), weight_decay=0.  `decoupled_weight_decay=True` divides
-    the weight decay by the learning rate given here, as the package does (the groups then hold
-    `wd / lr`).  `cautious=True`: Cautious Lion (the sign masked where it disagrees with g)."""
+    the weight decay (the recipe's and each group's) by the learning rate given here, as the
+    package does: the groups then hold `wd / lr` (a decay set later is taken as it is).  `cautious=True`: Cautious Lion (the sign masked where it disagrees with g)."""
     if decoupled_weight_decay:
         wd = wd / lr
+        params = _wd_divided(params, lr)
     cbs = [weight_decay, *(_maybe_cautious(lion_update, True) if cautious else [lion_step])]
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, wd=wd, impl=impl,
                      master_weights=master_weights)
