@@ -44,10 +44,11 @@ def roundtrip(state_dict):
     return torch.load(buf, weights_only=True)
 
 
-def train(build, hypers, n_steps=20, checkpoint_at=None, dtype=torch.float64):
+def train(build, hypers, n_steps=20, checkpoint_at=None, dtype=torch.float64, opts=None):
     """The parameters after `n_steps` steps of `build(param_groups)`; with `checkpoint_at`, the
     optimizer's state_dict is saved after that step (torch.save / torch.load(weights_only=True))
-    and loaded into a fresh optimizer that takes the steps after it."""
+    and loaded into a fresh optimizer that takes the steps after it.  The optimizer that took
+    the last step is appended to `opts` (a list) if given."""
     params = make_params(dtype)
     opt = build(groups_of(params, hypers))
     for i, grads in enumerate(gradients(n_steps, dtype)):
@@ -58,7 +59,16 @@ def train(build, hypers, n_steps=20, checkpoint_at=None, dtype=torch.float64):
             saved = roundtrip(opt.state_dict())
             opt = build(groups_of(params, hypers))
             opt.load_state_dict(saved)
+    if opts is not None:
+        opts.append(opt)
     return [p.detach().clone() for p in params]
+
+
+def assert_compiled(opt):
+    """The compiled path traced and compiled the chain (no piece fell back to eager)."""
+    path = opt.path
+    assert path.name == "compiled" and path.functions and not path.untraceable
+    assert all(len(fn.graphs) == 1 for fn in path.functions.values())
 
 
 def run_per_element(ref_step, hypers, n_steps=20):

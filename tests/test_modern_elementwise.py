@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from _elementwise_harness import assert_same, run_per_element, train
+from _elementwise_harness import assert_compiled, assert_same, run_per_element, train
 import optcraft as oc
 from optcraft import compiler_hints
 from optcraft.optimizers import modern
@@ -302,15 +302,18 @@ COMPILED = {"Lion": "package", "ADOPT-decoupled": "package", "Adan-package": "pa
 @pytest.mark.parametrize("name", sorted(COMPILED))
 def test_compiled_path_matches_the_reference(name, monkeypatch):
     monkeypatch.setattr(compiler_hints, "PER_TENSOR_MIN_NUMEL", 10)
+    opts = []
     if COMPILED[name] == "package":
         ours, theirs, hypers = PACKAGE_CASES[name]
-        assert_same(train(lambda gs: ours(gs, "compiled"), hypers, n_steps=8),
+        assert_same(train(lambda gs: ours(gs, "compiled"), hypers, n_steps=8, opts=opts),
                     train(theirs, hypers, n_steps=8), rtol=1e-6, atol=1e-10)
     else:
         ours, ref_step, hypers = FORMULA_CASES[name]
-        assert_same(train(lambda gs: ours(gs, "compiled"), [h for h, _ in hypers], n_steps=8),
+        assert_same(train(lambda gs: ours(gs, "compiled"), [h for h, _ in hypers], n_steps=8,
+                          opts=opts),
                     run_per_element(ref_step, [r for _, r in hypers], n_steps=8),
                     rtol=1e-6, atol=1e-10)
+    assert_compiled(opts[0])
 
 
 def test_docs_page_examples_run_standalone():

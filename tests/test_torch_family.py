@@ -4,7 +4,9 @@ gradients missing at some steps, and a checkpoint resumed mid-run."""
 import pytest
 import torch
 
-from _elementwise_harness import assert_same, train
+import math
+
+from _elementwise_harness import assert_compiled, assert_same, run_per_element, train
 from optcraft import compiler_hints
 from optcraft.optimizers import torch_family as tf
 
@@ -115,10 +117,69 @@ def test_torch_names_and_defaults():
             rprop.param_groups[0]["step_size_max"]) == (1e-6, 50.0)
 
 
+# ---- cautious=True against per-element references ------------------------------------------------
+
+def masked(u, g):
+    """The cautious mask of Liang et al. (2024) on one tensor, as the authors' code writes it."""
+    mask = [1.0 if a * b > 0 else 0.0 for a, b in zip(u, g)]
+    scale = len(mask) / (sum(mask) + 1)
+    return [a * (m * scale) for a, m in zip(u, mask)]
+
+
+def ref_cautious_adamax(s, p, g, h):
+    lr, b1, b2, eps, wd = h["lr"], h["b1"], h["b2"], h["eps"], h["wd"]
+    g = [a + wd * x for a, x in zip(g, p)]
+    s["t"] = t = s.get("t", 0) + 1
+    s["m"] = m = [b1 * a + (1 - b1) * b for a, b in zip(s.get("m", [0.0] * len(g)), g)]
+    s["u"] = inf = [max(b2 * a, abs(b) + eps) for a, b in zip(s.get("u", [0.0] * len(g)), g)]
+    u = masked([a / b / (1 - b1 ** t) for a, b in zip(m, inf)], g)
+    return [x - lr * a for x, a in zip(p, u)]
+
+
+def ref_cautious_nadam(s, p, g, h):
+    lr, b1, b2, eps, wd, md = h["lr"], h["b1"], h["b2"], h["eps"], h["wd"], h["momentum_decay"]
+    g = [a + wd * x for a, x in zip(g, p)]
+    s["t"] = t = s.get("t", 0) + 1
+    mu = b1 * (1 - 0.5 * 0.96 ** (t * md))
+    mu_next = b1 * (1 - 0.5 * 0.96 ** ((t + 1) * md))
+    s["mp"] = mp = s.get("mp", 1.0) * mu
+    s["m"] = m = [b1 * a + (1 - b1) * b for a, b in zip(s.get("m", [0.0] * len(g)), g)]
+    s["v"] = v = [b2 * a + (1 - b2) * b * b for a, b in zip(s.get("v", [0.0] * len(g)), g)]
+    u = [((1 - mu) / (1 - mp) * gi + mu_next / (1 - mp * mu_next) * mi) /
+         (math.sqrt(vi / (1 - b2 ** t)) + eps) for gi, mi, vi in zip(g, m, v)]
+    u = masked(u, g)
+    return [x - lr * a for x, a in zip(p, u)]
+
+
+H = dict(lr=0.01, b1=0.9, b2=0.999, eps=1e-8, wd=0.1, momentum_decay=4e-3)
+CAUTIOUS = {
+    "Adamax": (ref_cautious_adamax, [({}, H), ({"lr": 0.02, "wd": 0.0, "betas": (0.8, 0.99)},
+                                              {**H, "lr": 0.02, "wd": 0.0, "b1": 0.8,
+                                               "b2": 0.99})]),
+    "NAdam": (ref_cautious_nadam, [({}, H), ({"lr": 0.02, "momentum_decay": 0.01},
+                                             {**H, "lr": 0.02, "momentum_decay": 0.01})]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CAUTIOUS))
+@pytest.mark.parametrize("impl", ["reference", "foreach"])
+def test_cautious_against_per_element_reference(name, impl):
+    ref_step, hypers = CAUTIOUS[name]
+    recipe = getattr(tf, name)
+
+    def ours(groups):
+        return recipe(groups, lr=0.01, weight_decay=0.1, cautious=True, impl=impl)
+    assert_same(train(ours, [h for h, _ in hypers]),
+                run_per_element(ref_step, [r for _, r in hypers]))
+    assert_same(train(ours, [h for h, _ in hypers], checkpoint_at=9),
+                run_per_element(ref_step, [r for _, r in hypers]))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["Adagrad", "NAdam", "ASGD", "Rprop"])
 def test_compiled_path_matches_torch(name, monkeypatch):
     monkeypatch.setattr(compiler_hints, "PER_TENSOR_MIN_NUMEL", 10)
-    hypers = CASES[name][3]
-    assert_same(train(ours(name, "compiled"), hypers, n_steps=8),
+    hypers, opts = CASES[name][3], []
+    assert_same(train(ours(name, "compiled"), hypers, n_steps=8, opts=opts),
                 train(theirs(name), hypers, n_steps=8), rtol=1e-6, atol=1e-10)
+    assert_compiled(opts[0])

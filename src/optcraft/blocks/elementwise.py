@@ -233,6 +233,13 @@ def adamax_step(p, lr, mom, step, grad_avg, grad_inf, **kwargs):
     p.addcdiv_(grad_avg, grad_inf, value=-lr / debias(mom, 1 - mom, step))
 
 
+@block(state=dict(update=transient), reads="tensor")
+def adamax_update(p, mom, step, grad_avg, grad_inf, **kwargs):
+    """Adamax's direction, handed on as `update` (for `cautious`):
+    `u = grad_avg / grad_inf / (1 - mom**step)`."""
+    return {"update": grad_avg.div(grad_inf).div_(debias(mom, 1 - mom, step))}
+
+
 @block(hypers=dict(momentum_decay=4e-3), state=dict(mu_product=number, mu=transient,
                                                     mu_next=transient), reads="numbers")
 def nadam_mu(p, mom, momentum_decay, step, mu_product=1.0, **kwargs):
@@ -253,6 +260,18 @@ def nadam_step(p, lr, sqr_mom, step, grad_avg, sqr_avg, eps, mu, mu_next, mu_pro
     denom = sqr_avg.div(debias(sqr_mom, 1 - sqr_mom, step)).sqrt_().add_(eps)
     p.addcdiv_(p.grad, denom, value=-lr * (1 - mu) / (1 - mu_product))
     p.addcdiv_(grad_avg, denom, value=-lr * mu_next / (1 - mu_product * mu_next))
+
+
+@block(hypers=dict(eps=1e-8), state=dict(update=transient), reads="tensor")
+def nadam_update(p, sqr_mom, step, grad_avg, sqr_avg, eps, mu, mu_next, mu_product, **kwargs):
+    """NAdam's direction, handed on as `update` (for `cautious`): with
+    `denom = sqrt(sqr_avg / debias2) + eps`,
+    `u = ((1 - mu) / (1 - mu_product) * g + mu_next / (1 - mu_product * mu_next) * grad_avg)
+    / denom`."""
+    denom = sqr_avg.div(debias(sqr_mom, 1 - sqr_mom, step)).sqrt_().add_(eps)
+    update = p.grad.mul((1 - mu) / (1 - mu_product))
+    update.add_(grad_avg, alpha=mu_next / (1 - mu_product * mu_next))
+    return {"update": update.div_(denom)}
 
 
 @block(hypers=dict(lambd=1e-4, alpha=0.75, t0=1e6),

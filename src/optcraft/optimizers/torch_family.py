@@ -16,13 +16,22 @@ from __future__ import annotations
 from functools import partial
 
 from ..blocks import average_grad, average_sqr_grad, l2_reg, step_stat, weight_decay
-from ..blocks.elementwise import (adadelta_step, adagrad_step, adamax_step, asgd_rates,
-                                  asgd_step, max_abs_grad, nadam_mu, nadam_step, rprop_step,
-                                  sum_sqr_grad)
+from ..blocks.elementwise import (adadelta_step, adagrad_step, adamax_step, adamax_update,
+                                  asgd_rates, asgd_step, cautious, max_abs_grad, nadam_mu,
+                                  nadam_step, nadam_update, rprop_step, sum_sqr_grad,
+                                  update_step)
 from ..hypers import torch_names
 from ..optimizer import Optimizer
 
 __all__ = ["Adagrad", "Adadelta", "Adamax", "NAdam", "ASGD", "Rprop"]
+
+
+def _stepped(direction, step, masked: bool) -> list:
+    """The step block, or with Cautious masking (Liang et al., 2024) the direction block, the
+    mask and `update_step`.  (Adagrad, Adadelta, ASGD and Rprop take no `cautious`: without
+    momentum their direction always agrees in sign with the gradient, so the mask would keep
+    everything.)"""
+    return [direction, cautious, update_step] if masked else [step]
 
 
 @torch_names
@@ -54,22 +63,25 @@ def Adadelta(params, lr=1.0, rho=0.9, eps=1e-6, wd=0.0, impl="auto", master_weig
 
 
 @torch_names
-def Adamax(params, lr=2e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.0, impl="auto",
-           master_weights=True):
+def Adamax(params, lr=2e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.0, cautious=False,
+           impl="auto", master_weights=True):
     """Adamax (Kingma & Ba, 2015, arXiv:1412.6980, section 7.1), torch.optim's `Adamax`:
     `g <- g + wd * p`, `grad_avg <- mom * grad_avg + (1 - mom) * g`,
     `grad_inf <- max(sqr_mom * grad_inf, |g| + eps)`,
     `p <- p - lr / (1 - mom**step) * grad_avg / grad_inf`.
 
-    Defaults: lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0."""
-    cbs = [l2_reg, partial(average_grad, dampening=True), max_abs_grad, step_stat, adamax_step]
+    Defaults: lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.  `cautious=True`: the
+    direction `grad_avg / grad_inf / (1 - mom**step)` masked as Cautious optimizers do (see
+    `optcraft.optimizers.modern`)."""
+    cbs = [l2_reg, partial(average_grad, dampening=True), max_abs_grad, step_stat,
+           *_stepped(adamax_update, adamax_step, cautious)]
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, impl=impl,
                      master_weights=master_weights)
 
 
 @torch_names
 def NAdam(params, lr=2e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.0, momentum_decay=4e-3,
-          decoupled_weight_decay=False, impl="auto", master_weights=True):
+          decoupled_weight_decay=False, cautious=False, impl="auto", master_weights=True):
     """NAdam (Dozat, 2016, "Incorporating Nesterov Momentum into Adam"), torch.optim's `NAdam`:
     decay (`g <- g + wd * p`, or `p <- p * (1 - lr * wd)` with `decoupled_weight_decay=True`),
     Adam's averages, `mu_t = mom * (1 - 0.5 * 0.96**(t * momentum_decay))`,
@@ -78,10 +90,11 @@ def NAdam(params, lr=2e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.0, momentum_de
             - lr mu_{t+1} / (1 - mu_product mu_{t+1}) grad_avg / denom`.
 
     Defaults: lr=2e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, momentum_decay=4e-3,
-    decoupled_weight_decay=False."""
+    decoupled_weight_decay=False.  `cautious=True`: NAdam's direction (both terms) masked as
+    Cautious optimizers do (see `optcraft.optimizers.modern`)."""
     cbs = [weight_decay if decoupled_weight_decay else l2_reg,
            partial(average_grad, dampening=True), average_sqr_grad, step_stat, nadam_mu,
-           nadam_step]
+           *_stepped(nadam_update, nadam_step, cautious)]
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd,
                      momentum_decay=momentum_decay, impl=impl, master_weights=master_weights)
 
