@@ -15,7 +15,7 @@ import torch
 
 from _elementwise_harness import assert_compiled, assert_same, run_per_element, train
 import optcraft as oc
-from optcraft import compiler_hints
+from optcraft import compiler_hints, engine
 from optcraft.optimizers import modern
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:adopt",
@@ -77,6 +77,14 @@ def test_checkpoint_resumes_the_same_run(name):
     ours, theirs, hypers = PACKAGE_CASES[name]
     assert_same(train(lambda gs: ours(gs, "foreach"), hypers, checkpoint_at=9),
                 train(theirs, hypers))
+
+
+@pytest.mark.parametrize("name", ["Lion", "ADOPT", "Adan-package"])
+def test_sliced_blocks_match_the_package(name, monkeypatch):
+    """The foreach path runs elementwise blocks on slices of 7 elements: the same numbers."""
+    monkeypatch.setattr(engine.ForeachPath, "slice_numel", 7)
+    ours, theirs, hypers = PACKAGE_CASES[name]
+    assert_same(train(lambda gs: ours(gs, "foreach"), hypers), train(theirs, hypers))
 
 
 def test_packages_names_and_defaults():

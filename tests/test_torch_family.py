@@ -7,7 +7,7 @@ import torch
 import math
 
 from _elementwise_harness import assert_compiled, assert_same, run_per_element, train
-from optcraft import compiler_hints
+from optcraft import compiler_hints, engine
 from optcraft.optimizers import torch_family as tf
 
 
@@ -64,6 +64,15 @@ def test_matches_torch(name, impl):
 def test_checkpoint_resumes_the_same_run(name, impl):
     hypers = CASES[name][3]
     assert_same(train(ours(name, impl), hypers, checkpoint_at=9), train(theirs(name), hypers))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_sliced_blocks_match_torch(name, monkeypatch):
+    """The foreach path runs elementwise blocks on slices of 7 elements (large CPU tensors get
+    slices of 2**20): the same numbers."""
+    monkeypatch.setattr(engine.ForeachPath, "slice_numel", 7)
+    hypers = CASES[name][3]
+    assert_same(train(ours(name, "foreach"), hypers), train(theirs(name), hypers))
 
 
 def test_adagrad_runs_as_torchs_fused_kernel(monkeypatch):
