@@ -38,7 +38,7 @@ def cautious(p, update=None, **kwargs):
     gradient).  Put it between a block that hands on `update` and `update_step`."""
     if update is None:
         return None
-    mask = update.mul(p.grad).__gt__(0).to(dtype=update.tensors[0].dtype)
+    mask = (update.mul(p.grad) > 0).to(dtype=update.tensors[0].dtype)
     scale = mask.map(lambda m: m.numel() / (m.sum() + 1))
     return {"update": update.mul(mask).mul_(scale)}
 
