@@ -146,9 +146,10 @@ def ref_lion(s, p, g, h, cautious=False):
 
 
 def ref_adan(s, p, g, h, cautious=False):
-    """Adan as the paper (Algorithm 1) and the authors' code compute it, betas as weights of the
-    new term: the first step's gradient difference is 0 and every moment is updated from the
-    first step, with bias corrections."""
+    """Adan as the authors' code computes the paper's Algorithm 1, betas as weights of the new
+    term: the first step's gradient difference is 0 and every moment is updated from the first
+    step; the moments start at 0, with bias corrections (the paper starts them at the first
+    gradient)."""
     lr, b1, b2, b3, eps, wd = h["lr"], h["b1"], h["b2"], h["b3"], h["eps"], h["wd"]
     s["t"] = t = s.get("t", 0) + 1
     d = [a - b for a, b in zip(g, s.get("prev", g))]

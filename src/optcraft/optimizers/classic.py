@@ -13,6 +13,7 @@ from functools import partial
 from ..blocks import (adam_step, average_grad, average_sqr_grad, l2_reg, lamb_blocks,
                       larc_layer_lr, larc_step, momentum_step, qhadam_step, radam_step,
                       rms_prop_step, step_stat, weight_decay)
+from ..blocks.elementwise import adam_update, cautious as cautious_mask, update_step
 from ..hypers import torch_names
 from ..optimizer import Optimizer
 from ..wrappers import Lookahead
@@ -46,11 +47,7 @@ def Adam(params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01, decouple_wd=True,
     `cautious=True`: Cautious Adam (Liang et al., 2024, arXiv:2411.16085), Adam's direction
     `u = m_hat / (sqrt(v_hat) + eps)` masked per tensor where it disagrees in sign with the
     gradient and rescaled by `numel / (kept + 1)` (see `blocks.elementwise.cautious`)."""
-    if cautious:
-        from ..blocks.elementwise import adam_update, cautious as mask, update_step
-        steps = [adam_update, mask, update_step]
-    else:
-        steps = [adam_step]
+    steps = [adam_update, cautious_mask, update_step] if cautious else [adam_step]
     cbs = [decay(decouple_wd), partial(average_grad, dampening=True), average_sqr_grad,
            step_stat, *steps]
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, impl=impl, master_weights=master_weights)

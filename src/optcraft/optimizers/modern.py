@@ -116,6 +116,9 @@ def Adan(params, lr=1e-3, betas=(0.02, 0.08, 0.01), eps=1e-8, weight_decay=0.0,
     bias corrections count a step the moments never saw).  The package's `restart_cond` is not
     supported.  `cautious=True` masks the update where it disagrees with g."""
     if wd is not None:
+        if weight_decay:
+            raise ValueError("Adan: both 'weight_decay' (torch's name) and 'wd' were given; they "
+                             "are the same hyperparameter")
         weight_decay = wd
     b1, b2, b3 = betas
     return _adan(params, lr=lr, mom=1 - b1, diff_mom=1 - b2, sqr_mom=1 - b3, eps=eps,
