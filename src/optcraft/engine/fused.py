@@ -1,7 +1,7 @@
 """The ``fused`` path: a chain that is exactly one of torch's fused optimizer kernels runs as it.
 
-torch ships single-kernel implementations of SGD and Adam/AdamW (`torch._fused_sgd_`,
-`torch._fused_adam_`, `torch._fused_adamw_`, on CPU and CUDA).  They read and write each tensor
+torch ships single-kernel implementations of SGD, Adam/AdamW and Adagrad (`torch._fused_sgd_`,
+`torch._fused_adam_`, `torch._fused_adamw_`, `torch._fused_adagrad_`, on CPU and CUDA).  They read and write each tensor
 once, which is the memory floor of the step.  `recognise(chain)` matches a chain's blocks (their specifications' names and bound
 keywords) against them:
 
@@ -10,7 +10,9 @@ keywords) against them:
 * ``[weight_decay | l2_reg, sgd_step]`` and ``[weight_decay | l2_reg, average_grad, momentum_step]``
   are SGD without and with momentum (momentum off while `mom` is 0, as `average_grad` has it),
   ``[.., average_grad, nesterov_step]`` SGD with Nesterov's momentum (torch's `nesterov=True`:
-  `p <- p - lr * (g + mom * grad_avg)`).
+  `p <- p - lr * (g + mom * grad_avg)`);
+* ``[l2_reg | weight_decay, sum_sqr_grad, step_stat, adagrad_step]`` is Adagrad (torch's kernel
+  adds `wd * p` to the gradient; the decoupled form multiplies the parameters first).
 
 The state keeps optcraft's names (`grad_avg`, `sqr_avg`, `step` as an int), so a checkpoint
 written by one path loads into any other.  A chain matching none of these has no fused form;
@@ -54,6 +56,8 @@ def recognise(chain: Chain) -> Callable | None:
             and bound[0] in ({}, {"dampening": False}) and not bound[1]:
         nesterov = names[1] == "nesterov_step"
         return lambda *args: _sgd(*args, decoupled=decoupled, momentum=True, nesterov=nesterov)
+    if names == ["sum_sqr_grad", "step_stat", "adagrad_step"] and not any(bound):
+        return lambda *args: _adagrad(*args, decoupled=decoupled)
     return None
 
 
@@ -67,7 +71,7 @@ class FusedPath(ForeachPath):
         self.kernel = recognise(chain)
         if self.kernel is None:
             raise ValueError(f"impl='fused': torch has no fused kernel for the chain {chain!r} "
-                             f"(only SGD and Adam/AdamW chains have one); use impl='auto', "
+                             f"(only SGD, Adam/AdamW and Adagrad chains have one); use impl='auto', "
                              f"'foreach' or 'compiled'")
 
     def run(self, stage: Stage, bucket, params: ParamList, values: dict, hyper: dict) -> dict:
@@ -136,6 +140,28 @@ def _sgd(values, hyper, params, grads, *, decoupled: bool, momentum: bool,
                       momentum=hyper["mom"] if momentum else 0.0, lr=hyper["lr"], dampening=0.0,
                       nesterov=nesterov, maximize=False, is_first_step=False)
     return {"grad_avg": TensorList(grad_avg)} if momentum else {}
+
+
+def _adagrad(values, hyper, params, grads, *, decoupled: bool) -> dict:
+    """Adagrad through torch's fused kernel, which reads the step count after the increment (a
+    float tensor per parameter, as for Adam) and adds `wd * p` to the gradient; the decoupled
+    form multiplies the parameters first, in one foreach pass.  The accumulator starts at
+    `initial_accumulator_value`."""
+    wd = _decay(values, hyper)
+    if decoupled and wd != 0:
+        TensorList(params).mul_(1 - hyper["lr"] * wd)
+        wd = 0.0
+    step = values.get("step", 0) + 1
+    sqr_avg = values.get("sqr_avg")
+    sqr_avg = list(sqr_avg.tensors) if sqr_avg is not None else \
+        [torch.full_like(p, hyper["initial_accumulator_value"],
+                         memory_format=torch.preserve_format) for p in params]
+    steps = [torch.full((), float(step), dtype=torch.float32, device=params[0].device)] * \
+        len(params)
+    torch._fused_adagrad_(params, grads, _real(sqr_avg), steps, lr=hyper["lr"],
+                          lr_decay=hyper["lr_decay"], weight_decay=wd, eps=hyper["eps"],
+                          maximize=False)
+    return {"sqr_avg": TensorList(sqr_avg), "step": step}
 
 
 def _real(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

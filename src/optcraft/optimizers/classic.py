@@ -13,6 +13,7 @@ from functools import partial
 from ..blocks import (adam_step, average_grad, average_sqr_grad, l2_reg, lamb_blocks,
                       larc_layer_lr, larc_step, momentum_step, qhadam_step, radam_step,
                       rms_prop_step, step_stat, weight_decay)
+from ..blocks.elementwise import adam_update, cautious as cautious_mask, update_step
 from ..hypers import torch_names
 from ..optimizer import Optimizer
 from ..wrappers import Lookahead
@@ -40,10 +41,15 @@ def RMSProp(params, lr, sqr_mom=0.99, mom=0.0, wd=0.0, decouple_wd=True, impl="a
 
 
 @torch_names
-def Adam(params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01, decouple_wd=True, impl="auto", master_weights=True):
-    """Adam (Kingma & Ba, 2015), AdamW with `decouple_wd=True` (Loshchilov & Hutter, 2019)."""
+def Adam(params, lr, mom=0.9, sqr_mom=0.99, eps=1e-5, wd=0.01, decouple_wd=True, impl="auto",
+         master_weights=True, cautious=False):
+    """Adam (Kingma & Ba, 2015), AdamW with `decouple_wd=True` (Loshchilov & Hutter, 2019).
+    `cautious=True`: Cautious Adam (Liang et al., 2024, arXiv:2411.16085), Adam's direction
+    `u = m_hat / (sqrt(v_hat) + eps)` masked per tensor where it disagrees in sign with the
+    gradient and rescaled by `numel / (kept + 1)` (see `blocks.elementwise.cautious`)."""
+    steps = [adam_update, cautious_mask, update_step] if cautious else [adam_step]
     cbs = [decay(decouple_wd), partial(average_grad, dampening=True), average_sqr_grad,
-           step_stat, adam_step]
+           step_stat, *steps]
     return Optimizer(params, cbs, lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd, impl=impl, master_weights=master_weights)
 
 
