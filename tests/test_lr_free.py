@@ -257,7 +257,7 @@ def test_checkpoint_taken_in_eval_mode_still_matches_the_package():
 # ---- the compiled path ---------------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["AdamWScheduleFree", "Prodigy"])
+@pytest.mark.parametrize("name", ["AdamWScheduleFree", "schedule_free(SGD)", "Prodigy"])
 def test_compiled_path_matches_the_reference_package(name, monkeypatch):
     monkeypatch.setattr(compiler_hints, "PER_TENSOR_MIN_NUMEL", 10)
     read_back = []
@@ -281,6 +281,32 @@ def test_compiled_path_matches_the_reference_package(name, monkeypatch):
         ref.eval()
         opt.eval()
         assert_params_close(ours, theirs, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("impl", ["reference", "foreach"])
+@pytest.mark.parametrize("name", ["AdamWScheduleFree", "SGDScheduleFree", "Prodigy",
+                                  "Prodigy-l2-no-first-moment"])
+def test_do_wd_false_is_the_package_without_weight_decay_for_that_parameter(name, impl):
+    """optcraft's per-parameter mask (`do_wd=False` in a parameter's state, as optax's masks set
+    it): the package with that parameter in a group of its own without weight decay."""
+    make_ref, make_ours, _, _, has_eval = CASES[name]
+    theirs, ours = make_params(), make_params()
+    ref = make_ref([{"params": theirs[:1] + theirs[2:], "weight_decay": 0.1},
+                    {"params": theirs[1:2], "weight_decay": 0.0}])
+    opt = make_ours([{"params": ours, "weight_decay": 0.1}], impl)
+    opt.state[ours[1]]["do_wd"] = False
+    if has_eval:
+        ref.train()
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for i in range(20):
+        set_grads(theirs, i, g1)
+        set_grads(ours, i, g2)
+        ref.step()
+        opt.step()
+    if has_eval:
+        ref.eval()
+        opt.eval()
+    assert_params_close(ours, theirs)
 
 
 # ---- schedule-free: modes and the wrapper ----------------------------------------------------------

@@ -85,12 +85,13 @@ def _schedule_free_update(p, direction, z, mom, sf_lr, ckp1):
 
 @block(hypers=dict(mom=0.9, wd=0.0), switches=("wd",), state=dict(z=like_param),
        reads="elements", eval_point=(_mom_to_x, _mom_to_y))
-def sgd_schedule_free_step(p, mom, wd, sf_lr, ckp1, z=None, **kwargs):
-    """Schedule-free SGD: the direction is `g + wd y` (weight decay at `y`); see
-    `_schedule_free_update`.  `mom` is the interpolation `y = (1 - mom) z + mom x`."""
+def sgd_schedule_free_step(p, mom, wd, sf_lr, ckp1, z=None, do_wd=True, **kwargs):
+    """Schedule-free SGD: the direction is `g + wd y` (weight decay at `y`, but where the
+    parameter's state holds `do_wd=False`); see `_schedule_free_update`.  `mom` is the
+    interpolation `y = (1 - mom) z + mom x`."""
     if z is None:
         z = p.clone()
-    g = p.grad if is_zero(wd) else p.grad.add(p, alpha=wd)
+    g = p.grad if is_zero(wd) or not do_wd else p.grad.add(p, alpha=wd)
     _schedule_free_update(p, g, z, mom, sf_lr, ckp1)
     return dict(z=z)
 
@@ -99,17 +100,18 @@ def sgd_schedule_free_step(p, mom, wd, sf_lr, ckp1, z=None, **kwargs):
        state=dict(z=like_param, exp_avg_sq=like_param), reads="elements",
        eval_point=(_mom_to_x, _mom_to_y))
 def adamw_schedule_free_step(p, mom, sqr_mom, eps, wd, k, sf_lr, ckp1, z=None, exp_avg_sq=None,
-                             **kwargs):
+                             do_wd=True, **kwargs):
     """Schedule-free AdamW: `exp_avg_sq <- sqr_mom exp_avg_sq + (1 - sqr_mom) g^2`, the direction
     `g / (sqrt(exp_avg_sq / (1 - sqr_mom**k)) + eps) + wd y` (`k` the group's step count,
-    this step included), then `_schedule_free_update`."""
+    this step included; no decay where the state holds `do_wd=False`), then
+    `_schedule_free_update`."""
     if z is None:
         z, exp_avg_sq = p.clone(), p.grad.zeros_like()
     g = p.grad
     exp_avg_sq.mul_(sqr_mom).addcmul_(g, g, value=1 - sqr_mom)
     denom = exp_avg_sq.div(1 - sqr_mom ** k).sqrt_().add_(eps)
     direction = g.div(denom)
-    if not is_zero(wd):
+    if do_wd and not is_zero(wd):
         direction.add_(p, alpha=wd)
     _schedule_free_update(p, direction, z, mom, sf_lr, ckp1)
     return dict(z=z, exp_avg_sq=exp_avg_sq)
@@ -145,10 +147,6 @@ def schedule_free_exit(p, sf_mom, sf_sched, ckp1, z, sf_y, **kwargs):
 
 # ---- Prodigy ---------------------------------------------------------------------------------
 
-def _first_moment(mom=0.9, **kwargs) -> bool:
-    return not is_zero(mom)
-
-
 def _unknown(shape):
     return None
 
@@ -177,11 +175,11 @@ def _slices(t: TensorList, slice_p: int) -> TensorList:
 
 def _prodigy_stats(p, lr, mom, sqr_mom, beta3, wd, decouple, use_bias_correction,
                    safeguard_warmup, d0, slice_p, d=None, k=0, exp_avg=None, exp_avg_sq=None,
-                   s=None, p0=None, **kwargs):
+                   s=None, p0=None, do_wd=True, **kwargs):
     d = d0 if d is None else d
     beta3 = _beta3(beta3, sqr_mom)
     dlr = _dlr(d, lr, k, mom, sqr_mom, use_bias_correction)
-    g = p.grad if decouple or is_zero(wd) else p.grad.add(p, alpha=wd)
+    g = p.grad if decouple or is_zero(wd) or not do_wd else p.grad.add(p, alpha=wd)
     if exp_avg_sq is None:
         exp_avg_sq = p.grad.zeros_like()
         if not is_zero(mom):
@@ -201,7 +199,8 @@ def _prodigy_stats(p, lr, mom, sqr_mom, beta3, wd, decouple, use_bias_correction
     return found
 
 
-_STATS_STATE = dict(exp_avg=optional(like_param, _first_moment), exp_avg_sq=like_param,
+# exp_avg is missing while mom is 0
+_STATS_STATE = dict(exp_avg=optional(like_param), exp_avg_sq=like_param,
                     prodigy_dot=summed, prodigy_s=summed)
 
 
@@ -290,15 +289,18 @@ def prodigy_d(p, lr, mom, sqr_mom, beta3, use_bias_correction, d0, d_coef, growt
 
 
 @block(static=("decouple",), switches=("wd", "mom"), reads="elements")
-def prodigy_step(p, wd, decouple, eps, d, dlr, mom, exp_avg_sq, exp_avg=None, **kwargs):
+def prodigy_step(p, wd, decouple, eps, d, dlr, mom, exp_avg_sq, exp_avg=None, do_wd=True,
+                 **kwargs):
     """Prodigy's step (`d` this step's new estimate, `dlr` the one before it):
     `p <- p - wd dlr p` (decoupled decay), then `p <- p - dlr exp_avg / (sqrt(exp_avg_sq) + d eps)`
-    (`- dlr d g / (...)` without a first moment, `mom = 0`)."""
+    (`- dlr d g / (...)` without a first moment, `mom = 0`); no decay where the parameter's
+    state holds `do_wd=False`."""
     denom = exp_avg_sq.sqrt().add_(d * eps)
-    if decouple and not is_zero(wd):
+    decay = do_wd and not is_zero(wd)
+    if decouple and decay:
         p.add_(p, alpha=-wd * dlr)
     if not is_zero(mom):
         p.addcdiv_(exp_avg, denom, value=-dlr)
     else:
-        g = p.grad if decouple or is_zero(wd) else p.grad.add(p, alpha=wd)
+        g = p.grad if decouple or not decay else p.grad.add(p, alpha=wd)
         p.addcdiv_(g, denom, value=-dlr * d)
