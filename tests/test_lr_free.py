@@ -354,6 +354,25 @@ def test_torch_names_and_defaults():
         Prodigy([{"params": params, "slice_p": 2}])
 
 
+@pytest.mark.parametrize("name", ["Prodigy", "AdamWScheduleFree", "schedule_free(SGD)"])
+def test_a_step_reads_no_tensor_value_on_the_host(name, monkeypatch):
+    """No `.item()`, `float(t)` or `if t:` in a step (on a GPU each is a wait for the device):
+    Prodigy's sums and `d` stay tensors."""
+    _, make_ours, second, our_second, _ = CASES[name]
+    params = make_params()
+    opt = make_ours(groups_of(params, our_second or second), "foreach")
+    g = torch.Generator().manual_seed(1)
+    _run(name, "foreach", 3, params, opt, g)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a tensor's value was read on the host")
+    with monkeypatch.context() as patch:
+        for method in ("item", "__bool__", "__float__", "__int__", "tolist"):
+            patch.setattr(torch.Tensor, method, refuse)
+        _run(name, "foreach", 6, params, opt, g, start=3)
+    assert all(torch.isfinite(p).all() for p in params)
+
+
 # ---- the core capabilities, through public behaviour ----------------------------------------------
 
 @block(state=dict(sq=summed), reads="tensor")
