@@ -155,17 +155,10 @@ def test_matches_the_reference_package(name, impl):
 
 # ---- checkpoints ---------------------------------------------------------------------------------
 
-def _run(name, impl, steps, params, opt, g, start=0):
+def _run(steps, params, opt, g, start=0):
     for i in range(start, steps):
         set_grads(params, i, g)
         opt.step()
-
-
-def _generator_after(steps):
-    g = torch.Generator().manual_seed(1)
-    for i in range(steps):
-        set_grads(make_params(), i, g)  # the same draws as a run's first `steps` steps
-    return g
 
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
@@ -192,17 +185,17 @@ def test_checkpoint_resumes_exactly(name, impl, mode):
     params = make_params()
     opt = make_ours(groups_of(params, our_second or second), impl)
     g = torch.Generator().manual_seed(1)
-    _run(name, impl, cut, params, opt, g)
+    _run(cut, params, opt, g)
     pause(opt)
     at_pause = [p.detach().clone() for p in params]
     resume(opt)
-    _run(name, impl, STEPS, params, opt, g, start=cut)
+    _run(STEPS, params, opt, g, start=cut)
     uninterrupted = [p.detach().clone() for p in params]
 
     params = make_params()
     opt = make_ours(groups_of(params, our_second or second), impl)
     g = torch.Generator().manual_seed(1)
-    _run(name, impl, cut, params, opt, g)
+    _run(cut, params, opt, g)
     pause(opt)
     buf = io.BytesIO()
     torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, buf)
@@ -221,7 +214,7 @@ def test_checkpoint_resumes_exactly(name, impl, mode):
         with pytest.raises(RuntimeError, match="eval mode"):
             opt.step()
     resume(opt)
-    _run(name, impl, STEPS, fresh, opt, g, start=cut)
+    _run(STEPS, fresh, opt, g, start=cut)
     for p, q in zip(fresh, uninterrupted):
         assert torch.equal(p.detach(), q)
 
@@ -242,14 +235,14 @@ def test_checkpoint_taken_in_eval_mode_still_matches_the_package():
     ours = make_params()
     opt = make_ours(groups_of(ours, second), "foreach")
     g = torch.Generator().manual_seed(1)
-    _run("", "", 10, ours, opt, g)
+    _run(10, ours, opt, g)
     opt.eval()
     sd = opt.state_dict()
     assert [grp["group_state"]["train_mode"] for grp in sd["param_groups"]] == [False, False]
     opt2 = make_ours(groups_of(ours, second), "foreach")
     opt2.load_state_dict(sd)
     opt2.train()
-    _run("", "", STEPS, ours, opt2, g, start=10)
+    _run(STEPS, ours, opt2, g, start=10)
     opt2.eval()
     assert_params_close(ours, theirs)
 
@@ -362,14 +355,14 @@ def test_a_step_reads_no_tensor_value_on_the_host(name, monkeypatch):
     params = make_params()
     opt = make_ours(groups_of(params, our_second or second), "foreach")
     g = torch.Generator().manual_seed(1)
-    _run(name, "foreach", 3, params, opt, g)
+    _run(3, params, opt, g)
 
     def refuse(*args, **kwargs):
         raise AssertionError("a tensor's value was read on the host")
     with monkeypatch.context() as patch:
         for method in ("item", "__bool__", "__float__", "__int__", "tolist"):
             patch.setattr(torch.Tensor, method, refuse)
-        _run(name, "foreach", 6, params, opt, g, start=3)
+        _run(6, params, opt, g, start=3)
     assert all(torch.isfinite(p).all() for p in params)
 
 
@@ -405,7 +398,7 @@ def test_group_state_round_trips_through_state_dict_exactly():
     params = make_params()
     opt = Prodigy([{"params": params[:3]}, {"params": params[3:], "wd": 0.1}])
     g = torch.Generator().manual_seed(1)
-    _run("", "", 12, params, opt, g)
+    _run(12, params, opt, g)
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     buf.seek(0)
