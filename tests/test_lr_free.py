@@ -17,6 +17,7 @@ import torch
 
 from optcraft import compiler_hints
 from optcraft.engine import compiled
+from optcraft.blocks import l2_reg, sgd_step
 from optcraft.blocks.base import block, group, summed
 from optcraft.optimizer import Optimizer
 from optcraft.optimizers.classic import SGD
@@ -64,6 +65,11 @@ CASES = {
         lambda g: schedulefree.SGDScheduleFree(g, lr=0.1, momentum=0.8, warmup_steps=5),
         lambda g, impl: _schedule_free_sgd(g, impl),
         dict(lr=0.05, momentum=0.9, r=1.0), dict(lr=0.05, sf_mom=0.9, r=1.0), True),
+    "schedule_free(sgd_step, at_y=l2_reg)": (
+        lambda g: schedulefree.SGDScheduleFree(g, lr=0.1, momentum=0.8, weight_decay=0.01),
+        lambda g, impl: schedule_free([sgd_step], g, lr=0.1, wd=0.01, sf_mom=0.8, at_y=[l2_reg],
+                                      impl=impl),
+        dict(lr=0.05, momentum=0.9, weight_decay=0.1), dict(lr=0.05, sf_mom=0.9, wd=0.1), True),
     "Prodigy": (
         lambda g: prodigyopt.Prodigy(g, lr=1.0),
         lambda g, impl: Prodigy(g, lr=1.0, impl=impl),

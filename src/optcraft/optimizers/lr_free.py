@@ -58,14 +58,17 @@ def SGDScheduleFree(params, lr=1.0, mom=0.9, wd=0.0, warmup_steps=0, r=0.0, weig
                      weight_lr_power=weight_lr_power, impl=impl, master_weights=master_weights)
 
 
-def schedule_free_blocks(cbs) -> list:
+def schedule_free_blocks(cbs, at_y=()) -> list:
     """The chain `cbs` made schedule-free: its blocks step `z` (the gradient is taken at `y`, the
-    parameters during training), and the average `x` follows (see `schedule_free`)."""
-    return [schedule_free_weights, schedule_free_enter, *list(cbs), schedule_free_exit]
+    parameters during training), and the average `x` follows (see `schedule_free`).  The blocks
+    `at_y` run before, on the parameters at `y` (`l2_reg`: weight decay at `y`, as
+    `schedulefree`'s optimizers decay)."""
+    return [schedule_free_weights, *list(at_y), schedule_free_enter, *list(cbs),
+            schedule_free_exit]
 
 
 def schedule_free(base, params=None, *, sf_mom=0.9, warmup_steps=0, r=0.0, weight_lr_power=2.0,
-                  impl=None, master_weights=None, **hypers) -> Optimizer:
+                  at_y=(), impl=None, master_weights=None, **hypers) -> Optimizer:
     """Any chain made schedule-free (optax's `schedule_free`): `base` an optcraft `Optimizer`
     (its parameter groups and hyperparameters are taken, its state is not) or a list of blocks
     (then `params` and the chain's hyperparameters are given here).
@@ -73,8 +76,10 @@ def schedule_free(base, params=None, *, sf_mom=0.9, warmup_steps=0, r=0.0, weigh
     The chain steps `z` with the gradient taken at `y`; its step `delta` (scaled by the warmup:
     the chain's step is taken to be proportional to `lr`) moves `z` and the average `x`, with
     `y = (1 - sf_mom) z + sf_mom x` (`sf_mom`, so as not to meet the chain's own `mom`).  Weight
-    decay inside the chain acts at `z`.  Around plain SGD (`SGD(params, lr)`) this is
-    `SGDScheduleFree(params, lr, momentum=sf_mom)` without weight decay.
+    decay inside the chain acts at `z`; blocks given as `at_y` run first, at `y` (`[l2_reg]`:
+    `g <- g + wd y`).  Around plain SGD (`SGD(params, lr)`) this is
+    `SGDScheduleFree(params, lr, momentum=sf_mom)` without weight decay, and
+    `schedule_free([sgd_step], params, lr=lr, wd=wd, at_y=[l2_reg])` is it with weight decay.
 
         opt = schedule_free(SGD(model.parameters(), lr=0.5), sf_mom=0.9)
     """
@@ -94,7 +99,7 @@ def schedule_free(base, params=None, *, sf_mom=0.9, warmup_steps=0, r=0.0, weigh
         if params is None:
             raise TypeError("schedule_free: with a list of blocks, give the parameters")
         cbs = base
-    opt = Optimizer(params, schedule_free_blocks(cbs), impl=impl or "auto",
+    opt = Optimizer(params, schedule_free_blocks(cbs, at_y), impl=impl or "auto",
                     master_weights=True if master_weights is None else master_weights,
                     sf_mom=sf_mom, warmup_steps=warmup_steps, r=r,
                     weight_lr_power=weight_lr_power, **hypers)
