@@ -182,10 +182,10 @@ def _prodigy_stats(p, lr, mom, sqr_mom, beta3, wd, decouple, use_bias_correction
     g = p.grad if decouple or is_zero(wd) or not do_wd else p.grad.add(p, alpha=wd)
     if exp_avg_sq is None:
         exp_avg_sq = p.grad.zeros_like()
-        if not is_zero(mom):
-            exp_avg = p.grad.zeros_like()
         s = _slices(p.grad, slice_p).zeros_like()
         p0 = _slices(p, slice_p).clone()
+    if exp_avg is None and not is_zero(mom):
+        exp_avg = p.grad.zeros_like()  # (also where mom is set above 0 later)
     sliced_g = _slices(g, slice_p)
     # sum <g, p0 - p> (multiplied by (d / d0) dlr in prodigy_d) and sum |s|, as 0-d tensors
     dots = sliced_g.mul(p0.sub(_slices(p, slice_p))).sum()
