@@ -308,7 +308,7 @@ def test_do_wd_false_is_the_package_without_weight_decay_for_that_parameter(name
     assert_params_close(ours, theirs)
 
 
-# ---- schedule-free: modes and the wrapper ----------------------------------------------------------
+# ---- schedule-free: modes and the wrapper --------------------------------------------------------
 
 def test_step_in_eval_mode_raises_and_modes_are_idempotent():
     params = make_params()
@@ -372,7 +372,7 @@ def test_a_step_reads_no_tensor_value_on_the_host(name, monkeypatch):
     assert all(torch.isfinite(p).all() for p in params)
 
 
-# ---- the core capabilities, through public behaviour ----------------------------------------------
+# ---- the core capabilities, through public behaviour ---------------------------------------------
 
 @block(state=dict(sq=summed), reads="tensor")
 def _square_sum(p, **kwargs):
@@ -422,7 +422,7 @@ def test_group_state_round_trips_through_state_dict_exactly():
     assert "d" not in fresh.hypers[0] and "group_state" not in dict(fresh.hypers[0])
 
 
-# ---- the documentation page --------------------------------------------------------------------------
+# ---- the documentation page ----------------------------------------------------------------------
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "modern-lr-free.md"
 
