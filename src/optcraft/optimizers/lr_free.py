@@ -51,7 +51,8 @@ def AdamWScheduleFree(params, lr=0.0025, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.
 def SGDScheduleFree(params, lr=1.0, mom=0.9, wd=0.0, warmup_steps=0, r=0.0, weight_lr_power=2.0,
                     impl="auto", master_weights=True):
     """Schedule-Free SGD (Defazio et al., 2024, arXiv:2405.15682), `schedulefree`'s
-    `SGDScheduleFree`: `momentum` (`mom`) is the interpolation `y = (1 - mom) z + mom x`, `z <- z - lr (g + wd y)`."""
+    `SGDScheduleFree`: `momentum` (`mom`) is the interpolation `y = (1 - mom) z + mom x`,
+    `z <- z - lr (g + wd y)`."""
     _check_schedule_free(mom, warmup_steps, "mom")
     cbs = [schedule_free_weights, sgd_schedule_free_step]
     return Optimizer(params, cbs, lr=lr, mom=mom, wd=wd, warmup_steps=warmup_steps, r=r,
