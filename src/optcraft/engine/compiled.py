@@ -192,6 +192,8 @@ class CompiledPath(ForeachPath):
         for k, v in result.items():
             if k in after_host:
                 result[k] = after_host[k]
+            elif k in values and _is_graph_number(values[k]) and v is inputs.get(k):
+                result[k] = values[k]  # handed back unchanged (a group's value): no read back
             elif k in values and _is_graph_number(values[k]) and isinstance(v, torch.Tensor):
                 result[k] = _read_back(v, like=values[k])
         return result
