@@ -163,7 +163,13 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
         # A group added later with add_param_group gets the last group's values.
         last = {k: v for k, v in groups[-1].items() if k not in engine.HIDDEN_GROUP_KEYS} \
             if groups else {}
-        super().__init__(groups, hp.ParamGroup(last))
+        # The groups are whole here: torch's __init__ adds them one by one, and no group takes
+        # another's values (a key given in one group only stays in that group).
+        self._building = True
+        try:
+            super().__init__(groups, hp.ParamGroup(last))
+        finally:
+            self._building = False
 
     # ---- the chains --------------------------------------------------------------------------
     @property
@@ -218,13 +224,10 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
         self._check_chain_name(group, len(self.param_groups))
         same_chain = [g for g in self.param_groups
                       if self._chain_name(g) == self._chain_name(group)]
-        if same_chain:
-            for k, v in same_chain[-1].items():
+        if same_chain and not self.__dict__.get("_building", False):
+            for k, v in same_chain[-1].items():  # a group added later: the last one's values
                 if k not in engine.HIDDEN_GROUP_KEYS:
                     group.setdefault(k, v)
-        elif len(self.chains) == 1:
-            for k, v in self.defaults.items():
-                group.setdefault(k, v)
         for k, v in self._chain_of(group).defaults.items():
             group.setdefault(k, v)
         schedules = {k: v for k, v in group.items() if k not in engine.HIDDEN_GROUP_KEYS
@@ -389,8 +392,9 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
                     p.grad.zero_()
 
     def clear_state(self) -> None:
-        """Forget all state but the per-parameter flags (`force_train`, `do_wd`, `do_trust_ratio`)
-        and the groups' own state."""
+        """Forget all state but the per-parameter flags (`force_train`, `do_wd`, `do_trust_ratio`),
+        the groups' own state included: the optimizer starts afresh from the parameters as they
+        are (in eval mode, from the evaluation point), in train mode."""
         for p, *_ in self.all_params():
             kept = {k: self.state[p][k] for k in self._keep_on_clear if k in self.state[p]}
             self.state[p] = kept

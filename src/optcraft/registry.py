@@ -42,7 +42,7 @@ class Entry:
     `settings` are keyword arguments the command-line tools always pass (SGD gets momentum), and
     `lr` the learning rate they use unless told otherwise: the best of a sweep (half-decade steps,
     10 epochs, seeds 0 and 1) on the digits conv net of `optcraft compare` (`lr_tuned=False` where
-    it is Adam's, not a sweep's result).
+    it is the recipe's own default, not a sweep's result).
     """
 
     name: str
@@ -169,7 +169,8 @@ _CLASSIC = [
 ]
 
 #: Learning rates for research recipes, from the same sweep (1e-3 to 3e-2); a research recipe not
-#: listed here gets Adam's with `lr_tuned=False`.  DuvAdam and SUAdam were still improving at the
+#: listed here gets its own default learning rate (its reference's; Adam's sweep value where it has
+#: none) with `lr_tuned=False`.  DuvAdam and SUAdam were still improving at the
 #: sweep's largest rate.  BAdam (with the algorithm cell's softplus secant; the notebook code's
 #: `sign_clamp` made its loss NaN at every rate) from 1e-2 to 3e-1: 0.922, 0.961, 0.981, 0.975.
 _RESEARCH_LR: dict[str, float] = {
@@ -212,6 +213,14 @@ def recipes_of(module) -> list[tuple[str, Callable]]:
     return found
 
 
+def _default_lr(fn) -> float:
+    """A recipe's own default learning rate (its reference's), else Adam's of the sweep."""
+    default = inspect.signature(inspect.unwrap(fn)).parameters["lr"].default
+    if isinstance(default, (int, float)) and not isinstance(default, bool) and default > 0:
+        return float(default)
+    return next(e.lr for e in _CLASSIC if e.name == "Adam")
+
+
 def _optional_entries() -> list[Entry]:
     entries = []
     for module_name in OPTIONAL_MODULES:
@@ -225,9 +234,8 @@ def _optional_entries() -> list[Entry]:
             continue
         for name, fn in recipes_of(module):
             lr = _RESEARCH_LR.get(name)
-            adam_lr = next(e.lr for e in _CLASSIC if e.name == "Adam")
-            entries.append(Entry(name, fn, _paper_of(fn), lr=lr if lr is not None else adam_lr,
-                                 lr_tuned=lr is not None, module=module_name))
+            entries.append(Entry(name, fn, _paper_of(fn), lr=lr if lr is not None else
+                                 _default_lr(fn), lr_tuned=lr is not None, module=module_name))
     return entries
 
 

@@ -61,6 +61,20 @@ class _Delegating(_FastaiAPI, torch.optim.Optimizer):
     def zero_grad(self, *args, **kwargs) -> None:
         self.opt.zero_grad(*args, **kwargs)
 
+    def train(self):
+        """The inner optimizer's `train()` (schedule-free's evaluation point), where it has one."""
+        inner = getattr(self.opt, "train", None)
+        if inner is not None:
+            inner()
+        return self
+
+    def eval(self):
+        """The inner optimizer's `eval()`, where it has one."""
+        inner = getattr(self.opt, "eval", None)
+        if inner is not None:
+            inner()
+        return self
+
     # The hooks a user registers on the wrapper fire around the inner optimizer's own, in torch's
     # order and with torch's return-value rules.
     def state_dict(self) -> dict[str, Any]:

@@ -69,7 +69,7 @@ def run_show(args) -> int:
         ("state/parameter", state_text(entry)),
         ("paper", entry.paper),
         ("commands use", ", ".join([f"lr={entry.lr:g}" + ("" if entry.lr_tuned else
-                                                              " (not tuned: Adam's)")]
+                                                              " (not tuned: the recipe's default)")]
                                    + [f"{k}={_value(v)}" for k, v in entry.settings.items()])),
     ]
     width = max(len(k) for k, _ in lines)
