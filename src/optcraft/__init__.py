@@ -12,6 +12,9 @@ from . import blocks, compiler_hints, engine, groups, optax, predicates, schedul
 from .groups import param_groups
 from .optimizer import Optimizer
 from .optimizers.classic import QHAdam, RAdam, RMSProp, SGD, Adam, Lamb, Larc, ranger
+from .optimizers.lr_free import AdamWScheduleFree, Prodigy, SGDScheduleFree, schedule_free
+from .optimizers.modern import ADOPT, MARS, Adan, Lion
+from .optimizers.torch_family import ASGD, Adadelta, Adagrad, Adamax, NAdam, Rprop
 from .optimizers.research import (LAMB, UM, AdamAWD, AdamGC, BAdam, DuvAdam, PreLAMB, SAdam,
                                   SRAdam, StableAdam, SUAdam, record_updates, with_blocks)
 from .plots import plot_radam_rectifier
@@ -27,6 +30,9 @@ __version__ = "0.1.0"
 __all__ = [
     "Optimizer", "OptimWrapper", "Lookahead", "TensorList", "ParamList", "block",
     "route", "part", "Part",
+    # the optimizers people train with today (docs/modern-*.md)
+    "Adagrad", "Adadelta", "Adamax", "NAdam", "ASGD", "Rprop", "Lion", "ADOPT", "Adan", "MARS",
+    "AdamWScheduleFree", "SGDScheduleFree", "Prodigy", "schedule_free",
     "SGD", "RMSProp", "Adam", "RAdam", "QHAdam", "Larc", "Lamb", "ranger",
     "sgd_step", "weight_decay", "l2_reg", "average_grad", "average_sqr_grad", "momentum_step",
     "rms_prop_step", "step_stat", "debias", "adam_step", "radam_step", "qhadam_step",

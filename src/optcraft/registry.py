@@ -293,6 +293,27 @@ def get(name: str) -> Entry:
     raise UnknownOptimizer(name, [k for c in close for k in by_folded[c]])
 
 
+#: Named sets of optimizers for the command line (`optcraft compare --optimizers modern`): the
+#: modules whose recipes each holds.
+SETS = {
+    "classic": ("optcraft.optimizers.classic",),
+    "research": ("optcraft.optimizers.research",),
+    "torch": ("optcraft.optimizers.torch_family",),
+    "modern": ("optcraft.optimizers.modern", "optcraft.optimizers.matrix",
+               "optcraft.optimizers.lr_free"),
+}
+
+
+def named_set(name: str) -> list[str] | None:
+    """The optimizers of the set `name` (see `SETS`; "all" is every one), or None."""
+    if name == "all":
+        return names()
+    modules = SETS.get(name)
+    if modules is None:
+        return None
+    return [e.name for e in entries() if e.module in modules]
+
+
 def default_compare() -> list[str]:
     """The default set of `optcraft compare`: the classic ones and two research optimizers."""
     table = _all()

@@ -17,7 +17,8 @@ class CLIError(Exception):
 
 
 def optimizer_names(text: str | None, default: list[str]) -> list[str]:
-    """Resolve a comma-separated list of optimizer names (case-insensitive) to registry names."""
+    """Resolve a comma-separated list of optimizer names (case-insensitive) and named sets
+    (`registry.SETS`: classic, research, torch, modern, all) to registry names."""
     if text is None:
         return list(default)
     names = [n.strip() for n in text.split(",") if n.strip()]
@@ -25,10 +26,11 @@ def optimizer_names(text: str | None, default: list[str]) -> list[str]:
         raise CLIError("--optimizers needs at least one optimizer name")
     resolved = []
     for name in names:
-        entry = lookup(name)
-        if entry.name in resolved:
-            raise CLIError(f"optimizer {entry.name!r} is listed twice")
-        resolved.append(entry.name)
+        members = registry.named_set(name) if name not in registry.names() else None
+        for found in members if members is not None else [lookup(name).name]:
+            if found in resolved:
+                raise CLIError(f"optimizer {found!r} is listed twice")
+            resolved.append(found)
     return resolved
 
 

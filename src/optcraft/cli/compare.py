@@ -32,7 +32,8 @@ def add_parser(subparsers):
                     f"{PNG_NAME} (loss and accuracy curves) and {CSV_NAME} (every step) to the "
                     "output folder.")
     parser.add_argument("--optimizers", metavar="NAMES",
-                        help="comma-separated optimizer names (default: "
+                        help="comma-separated optimizer names or sets (" +
+                             ", ".join([*registry.SETS, "all"]) + "; default: "
                              f"{','.join(registry.default_compare())})")
     parser.add_argument("--epochs", type=int, default=10, help="passes over the training set "
                         "(default: 10)")
