@@ -177,21 +177,21 @@ def factored_sqr_avg(p, step, beta2_decay, row_var=None, col_var=None, variance=
             "variance": _per_param(full)}
 
 
-@block(hypers=dict(eps1=None, d=1.0, mom=0.0), switches=("mom",),
+@block(hypers=dict(eps1=None, d=1.0),
        static=("eps1", "d", "multiply_by_parameter_scale", "relative_step"),
-       state=dict(grad_avg=optional(like_param)), reads="matrix")
-def adafactor_step(p, lr, step, eps1, d, mom, row_var=None, col_var=None, variance=None,
-                   param_scale=None, multiply_by_parameter_scale=True, relative_step=True,
-                   grad_avg=None, **kwargs):
-    """Adafactor's step (Shazeer & Stern, 2018, arXiv:1804.04235), as torch.optim.Adafactor:
+       state=dict(adafactor_update=transient), reads="matrix")
+def adafactor_update(p, lr, step, eps1, d, row_var=None, col_var=None, variance=None,
+                     param_scale=None, multiply_by_parameter_scale=True, relative_step=True,
+                     **kwargs):
+    """Adafactor's step (Shazeer & Stern, 2018, arXiv:1804.04235), as torch.optim.Adafactor
+    computes it, handed on as `adafactor_update` (`adafactor_step` takes it):
     `V = row_var col_var / max(mean(row_var), eps1)` (factored) or `V = variance`,
     `u = g / sqrt(max(V, eps1**2))`, clipped `u <- u / max(1, RMS(u) / d)` (`d=None`: no
-    clipping), `alpha = rho * param_scale` with `rho = min(lr, 1/sqrt(step))`
-    (`relative_step=False`: `rho = lr`) and `param_scale = max(eps2, RMS(p))`
-    (`multiply_by_parameter_scale=False`: 1), then `p <- p - alpha u`; with momentum `mom > 0`
-    (optax's `momentum`) `grad_avg <- mom grad_avg + (1 - mom) alpha u`, `p <- p - grad_avg`.
+    clipping, optax's `clipping_threshold=None`), `update = alpha u` with
+    `alpha = rho * param_scale`, `rho = min(lr, 1/sqrt(step))` (`relative_step=False`:
+    `rho = lr`) and `param_scale = max(eps2, RMS(p))` (`multiply_by_parameter_scale=False`: 1).
 
-    Defaults are torch's: `eps1=None` (the dtype's machine epsilon), `d=1.0`, no momentum.
+    Defaults are torch's: `eps1=None` (the dtype's machine epsilon), `d=1.0`.
     """
     rho = lr if not relative_step else minimum(lr, 1 / step ** 0.5)
     updates, scales = [], []
@@ -209,13 +209,23 @@ def adafactor_step(p, lr, step, eps1, d, mom, row_var=None, col_var=None, varian
             scale = scale / clip
         updates.append(u), scales.append(scale)
     updates = TensorList(updates)
-    step_ = updates.mul_(TensorList(scales) if isinstance(scales[0], torch.Tensor) else scales[0])
-    if is_zero(mom):
-        p.sub_(step_)
-        return None
+    scales = TensorList(scales) if isinstance(scales[0], torch.Tensor) else scales[0]
+    return {"adafactor_update": updates.mul_(scales)}
+
+
+@block(reads="elements")
+def adafactor_step(p, adafactor_update, **kwargs):
+    """Adafactor's step: `p <- p - adafactor_update` (see `adafactor_update`)."""
+    p.sub_(adafactor_update)
+
+
+@block(hypers=dict(mom=0.9), state=dict(grad_avg=like_param), reads="elements")
+def averaged_adafactor_step(p, adafactor_update, mom, grad_avg=None, **kwargs):
+    """Adafactor with momentum (optax's `adafactor(momentum=mom)`, Shazeer & Stern's beta1):
+    `grad_avg <- mom grad_avg + (1 - mom) adafactor_update`, `p <- p - grad_avg`."""
     if grad_avg is None:
-        grad_avg = p.zeros_like()
-    grad_avg.lerp_(step_, 1 - mom)
+        grad_avg = p.grad.zeros_like()
+    grad_avg.lerp_(adafactor_update, 1 - mom)
     p.sub_(grad_avg)
     return {"grad_avg": grad_avg}
 
@@ -313,7 +323,8 @@ def soap_step(p, lr, mom, sqr_mom, step, eps, shampoo_beta, precondition_frequen
         else:
             m.lerp_(g, 1 - mom)
             v.lerp_(_rotate(g, qs, True).square(), 1 - sqr_mom)
-            direction = _rotate(_rotate(m, qs, True).div_(v.sqrt().add_(eps)), qs, False)
+            # (out of place: for a tensor not rotated, `_rotate` returns a view of the moment)
+            direction = _rotate(_rotate(m, qs, True).div(v.sqrt().add_(eps)), qs, False)
             scale = lr * math.sqrt(1 - sqr_mom ** t) / (1 - mom ** t) \
                 if not isinstance(t, torch.Tensor) else \
                 lr * (1 - sqr_mom ** t).sqrt() / (1 - mom ** t)

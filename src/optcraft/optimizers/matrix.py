@@ -14,7 +14,8 @@ import torch
 
 from ..blocks import average_grad, step_stat, weight_decay
 from ..blocks.matrix import (NS_COEFFICIENTS, adafactor_param_scale, adafactor_step,
-                             factored_sqr_avg, muon_step, soap_step)
+                             adafactor_update, averaged_adafactor_step, factored_sqr_avg,
+                             muon_step, soap_step)
 from ..hypers import torch_names
 from ..optimizer import Optimizer
 from ..routing import part, route
@@ -46,33 +47,35 @@ def Muon(params, lr=1e-3, wd=0.1, mom=0.95, nesterov=True, ns_coefficients=NS_CO
 
 @torch_names
 def Adafactor(params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, wd=0.0, mom=0.0,
-              multiply_by_parameter_scale=True, relative_step=True, clipping_threshold=None,
+              multiply_by_parameter_scale=True, relative_step=True, clipping_threshold=...,
               foreach=None, maximize=False, impl="auto", master_weights=True):
     """Adafactor (Shazeer & Stern, 2018, arXiv:1804.04235), as torch.optim.Adafactor computes it,
     with its names and defaults: factored second moments (row and column means of g^2, decayed
     by `1 - step**beta2_decay`) for tensors of 2+ dimensions, full ones for vectors;
     `u = g / sqrt(V)` clipped to RMS `d`; `p <- p (1 - lr wd)`;
     `p <- p - min(lr, 1/sqrt(step)) max(eps2, RMS(p)) u` (`eps = (eps1, eps2)`, eps1 None: the
-    dtype's machine epsilon).
+    dtype's machine epsilon; in a parameter group give `eps1` and `eps2`).
 
-    optax's options, as flags: `mom` (optax's `momentum`: an exponential average of the steps,
-    off at 0), `clipping_threshold` (optax's name for `d`; `d=None` turns clipping off),
-    `multiply_by_parameter_scale=False` (no `max(eps2, RMS(p))` factor), `relative_step=False`
-    (the step is `lr`, not `min(lr, 1/sqrt(step))`).  `foreach` is accepted and ignored;
-    `maximize=True` is refused."""
+    optax's options, as flags: `mom` (optax's `momentum`, torch's name accepted: an exponential
+    average of the steps, `grad_avg <- lerp(grad_avg, step, 1 - mom)`, `p <- p - grad_avg`;
+    given > 0 when the optimizer is built), `clipping_threshold` (optax's name for `d`; when
+    given it replaces `d`, None: no clipping), `multiply_by_parameter_scale=False` (no
+    `max(eps2, RMS(p))` factor), `relative_step=False` (the step is `lr`, not
+    `min(lr, 1/sqrt(step))`).  `foreach` is accepted and ignored; `maximize=True` is refused."""
     if maximize:
         raise ValueError("Adafactor: maximize=True is not supported (negate the loss)")
     eps1, eps2 = eps
-    if clipping_threshold is not None:
+    if clipping_threshold is not ...:
         d = clipping_threshold
-    step_cb = adafactor_step
     flags = {k: v for k, v in dict(multiply_by_parameter_scale=multiply_by_parameter_scale,
                                    relative_step=relative_step).items() if v is not True}
-    if flags:
-        step_cb = partial(adafactor_step, **flags)
-    cbs = [step_stat, adafactor_param_scale, weight_decay, factored_sqr_avg, step_cb]
+    update = partial(adafactor_update, **flags) if flags else adafactor_update
+    with_momentum = mom is not None and mom != 0
+    cbs = [step_stat, adafactor_param_scale, weight_decay, factored_sqr_avg, update,
+           averaged_adafactor_step if with_momentum else adafactor_step]
+    momentum = dict(mom=mom) if with_momentum else {}
     return Optimizer(params, cbs, lr=lr, beta2_decay=beta2_decay, eps1=eps1, eps2=eps2, d=d,
-                     wd=wd, mom=mom, impl=impl, master_weights=master_weights)
+                     wd=wd, impl=impl, master_weights=master_weights, **momentum)
 
 
 @torch_names
