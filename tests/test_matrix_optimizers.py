@@ -507,3 +507,17 @@ def test_compiled_path_gives_the_reference_numbers(name, monkeypatch):
             assert (p - q).norm() <= 0.05 * (q - p0).norm()
         else:
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-10)
+
+
+# ---- the documentation page ----------------------------------------------------------------------
+
+def test_docs_modern_matrix_blocks_run_standalone():
+    """Each Python block of docs/modern-matrix.md runs on its own, in a fresh namespace."""
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "modern-matrix.md"
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    assert len(blocks) >= 4
+    for code in blocks:
+        exec(compile(code, str(page), "exec"), {"__name__": "__doc_example__"})
