@@ -21,7 +21,11 @@ from ..optimizer import Optimizer
 from ..routing import part, route
 from .classic import Adam
 
-__all__ = ["Muon", "Adafactor", "SOAP", "muon_with_adamw"]
+#: The named optimizers (the registry lists every function here that takes an `lr`).
+__all__ = ["Muon", "Adafactor", "SOAP"]
+#: Routing recipes: one optimizer running two chains, so not one named optimizer of the registry
+#: (whose entries are one chain each); import them by name.
+ROUTING = ["muon_with_adamw", "hidden_matrices"]
 
 
 @torch_names
