@@ -146,8 +146,7 @@ def adafactor_param_scale(p, eps2, **kwargs):
     """Adafactor's parameter scale (Shazeer & Stern, 2018, arXiv:1804.04235, Algorithm 4's
     `max(eps2, RMS(p))`), measured before the step's weight decay and handed on as
     `param_scale`."""
-    rms = TensorList([t.norm(2) / math.sqrt(t.numel()) for t in p.tensors])
-    return {"param_scale": rms.clamp_min(eps2)}
+    return {"param_scale": p.rms().clamp_min(eps2)}
 
 
 @block(hypers=dict(beta2_decay=-0.8), state=ADAFACTOR_STATE, reads="matrix")
