@@ -145,10 +145,11 @@ class CountMatmuls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_muon_batches_newton_schulz_over_same_shaped_matrices(impl):
-    def matmuls(n):
-        params = make([(16, 8)] * n, torch.float32)
+def test_muon_batches_newton_schulz_over_same_shaped_matrices():
+    """On the foreach path a bucket's same-shaped matrices share one chain of batched matmuls:
+    ns_steps x 3 (bmm, baddbmm, baddbmm) per shape, however many matrices."""
+    def matmuls(shapes):
+        params = make(shapes, torch.float32)
         opt = Muon(params, lr=0.02, impl="foreach")
         for p in params:
             p.grad = torch.ones_like(p)
@@ -156,8 +157,9 @@ def test_muon_batches_newton_schulz_over_same_shaped_matrices(impl):
             opt.step()
         return counter.count
 
-    assert matmuls(1) == 5 * 3
-    assert matmuls(6) == matmuls(1)
+    assert matmuls([(16, 8)]) == 5 * 3
+    assert matmuls([(16, 8)] * 6) == matmuls([(16, 8)])
+    assert matmuls([(16, 8)] * 6 + [(8, 12)] * 2) == 2 * 5 * 3
 
 
 def test_muon_conv_weights_flattened_and_vectors_refused():
