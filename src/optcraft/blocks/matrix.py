@@ -294,7 +294,8 @@ def soap_step(p, lr, mom, sqr_mom, step, eps, shampoo_beta, precondition_frequen
       skipped where `do_wd` is False), then the factors take `g`; every `precondition_frequency` steps (`t % f == 0`) each basis
       is refreshed by one power iteration and a QR decomposition, `q_i <- qr(gg_i q_i)`, after
       ordering its columns by the estimated eigenvalues `diag(q_i^T gg_i q_i)` (descending, with
-      `sqr_avg` permuted alike along dimension i).
+      `sqr_avg` permuted alike along dimension i).  Where the step count is a tensor (in a
+      compiled graph) the refresh is computed at every step and kept where `t % f == 0`.
 
     Defaults: the paper's `eps=1e-8`, `shampoo_beta=0.95`, `precondition_frequency=10`,
     `max_precond_dim=10000`.
@@ -332,12 +333,19 @@ def soap_step(p, lr, mom, sqr_mom, step, eps, shampoo_beta, precondition_frequen
                 x.mul_(1 - lr * wd)
             for i in dims:
                 ggs[i].lerp_(_unfolded_gram(g, i), 1 - shampoo_beta)
-            if t % precondition_frequency == 0:
+            refresh = t % precondition_frequency == 0
+            if refresh is not False:
                 for i in dims:
                     estimated = torch.diagonal(qs[i].mT @ ggs[i] @ qs[i])
                     order = torch.argsort(estimated, descending=True)
-                    v.copy_(v.index_select(i, order))
-                    qs[i] = torch.linalg.qr(ggs[i] @ qs[i][:, order]).Q
+                    v_sorted = v.index_select(i, order)
+                    q_new = torch.linalg.qr(ggs[i] @ qs[i][:, order]).Q
+                    if refresh is True:
+                        v.copy_(v_sorted)
+                        qs[i] = q_new
+                    else:  # a tensor step count: both computed, one kept, no branch on it
+                        v.copy_(torch.where(refresh, v_sorted, v))
+                        qs[i] = torch.where(refresh, q_new, qs[i])
         for i in range(SOAP_MAX_DIMS):
             out[f"gg{i}"].append(ggs[i] if i < len(ggs) else None)
             out[f"q{i}"].append(qs[i] if i < len(qs) else None)
