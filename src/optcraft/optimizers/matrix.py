@@ -132,7 +132,12 @@ def muon_with_adamw(model, lr=0.02, wd=0.1, mom=0.95, nesterov=True, ns_steps=5,
     arXiv:2502.16982) train: one routed optimizer (`optcraft.routing.route`) whose groups name
     their chain ("muon" or "adamw").  `model` is an nn.Module (embeddings found by type, heads
     by name, see `hidden_matrices`), or its named parameters, or plain parameters (then every
-    parameter of 2+ dimensions is hidden).  Convolution weights run on Muon flattened."""
+    parameter of 2+ dimensions is hidden).  Convolution weights run on Muon flattened (so does
+    any hidden tensor of 3+ dimensions, as `(shape[0], -1)`).
+
+    Defaults: Muon `lr=0.02, wd=0.1, mom=0.95, nesterov=True, ns_steps=5` (modded-nanogpt's
+    rate, torch's decay); AdamW `adamw_lr=3e-4, adamw_betas=(0.9, 0.95), adamw_eps=1e-8,
+    adamw_wd=0.0`."""
     if isinstance(model, torch.nn.Module):
         params = list(model.named_parameters())
         hidden = {id(p) for p in hidden_matrices(model, head_names)}
