@@ -308,7 +308,7 @@ def test_registry_reads_chains_and_state_from_the_recipes():
     from optcraft.optimizers import classic
 
     for entry in registry.entries():
-        opt = entry.make([torch.nn.Parameter(torch.zeros(3))])
+        opt = entry.make([torch.nn.Parameter(torch.zeros(3, 2))])
         inner = getattr(opt, "opt", opt)
         assert entry.chain == [registry.callback_name(cb) for cb in inner.cbs]
     memory = {e.name: e.state_memory for e in registry.entries()}

@@ -54,11 +54,26 @@ class Entry:
     module: str = ""
 
     def make(self, params, lr: float | None = None, impl: str | None = None, **kwargs):
-        """Build the optimizer on `params` with this entry's settings and learning rate."""
+        """Build the optimizer on `params` with this entry's settings and learning rate.  A
+        recipe for matrices only (`matrices_only`: Muon) gets the parameters of two dimensions,
+        and Adam (the command line's, at the same learning rate) the others, as Muon is trained
+        (`optcraft.routing`)."""
         kwargs = {**self.settings, **kwargs}
         if impl is not None and "impl" in self.parameters:
             kwargs["impl"] = impl
-        return self.factory(params, lr=self.lr if lr is None else lr, **kwargs)
+        lr = self.lr if lr is None else lr
+        if self.matrices_only:
+            from .predicates import by_ndim
+            from .routing import part, route
+
+            execution = {k: kwargs.pop(k) for k in EXECUTION_KEYWORDS if k in kwargs}
+            return route(params, part(self.factory, where=by_ndim(2), lr=lr, **kwargs),
+                         part(classic.Adam, lr=lr), **execution)
+        return self.factory(params, lr=lr, **kwargs)
+
+    @property
+    def matrices_only(self) -> bool:
+        return bool(getattr(self.factory, "matrices_only", False))
 
     @property
     def parameters(self) -> dict[str, inspect.Parameter]:

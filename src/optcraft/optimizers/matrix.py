@@ -49,6 +49,10 @@ def Muon(params, lr=1e-3, wd=0.1, mom=0.95, nesterov=True, ns_coefficients=NS_CO
                      adjust_lr_fn=adjust_lr_fn, impl=impl, master_weights=master_weights)
 
 
+#: The registry and the command line give Muon the matrices of a model and Adam the rest.
+Muon.matrices_only = True
+
+
 @torch_names
 def Adafactor(params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, wd=0.0, mom=0.0,
               multiply_by_parameter_scale=True, relative_step=True, clipping_threshold=...,
