@@ -13,6 +13,7 @@ from .groups import param_groups
 from .optimizer import Optimizer
 from .optimizers.classic import QHAdam, RAdam, RMSProp, SGD, Adam, Lamb, Larc, ranger
 from .optimizers.lr_free import AdamWScheduleFree, Prodigy, SGDScheduleFree, schedule_free
+from .optimizers.matrix import SOAP, Adafactor, Muon, hidden_matrices, muon_with_adamw
 from .optimizers.modern import ADOPT, MARS, Adan, Lion
 from .optimizers.torch_family import ASGD, Adadelta, Adagrad, Adamax, NAdam, Rprop
 from .optimizers.research import (LAMB, UM, AdamAWD, AdamGC, BAdam, DuvAdam, PreLAMB, SAdam,
@@ -33,6 +34,7 @@ __all__ = [
     # the optimizers people train with today (docs/modern-*.md)
     "Adagrad", "Adadelta", "Adamax", "NAdam", "ASGD", "Rprop", "Lion", "ADOPT", "Adan", "MARS",
     "AdamWScheduleFree", "SGDScheduleFree", "Prodigy", "schedule_free",
+    "Muon", "Adafactor", "SOAP", "muon_with_adamw", "hidden_matrices",
     "SGD", "RMSProp", "Adam", "RAdam", "QHAdam", "Larc", "Lamb", "ranger",
     "sgd_step", "weight_decay", "l2_reg", "average_grad", "average_sqr_grad", "momentum_step",
     "rms_prop_step", "step_stat", "debias", "adam_step", "radam_step", "qhadam_step",
