@@ -77,8 +77,15 @@ def many_tiny(scale: int = 1) -> list[tuple[int, ...]]:
     return [(64 + (i * 37) % 960,) for i in range(n)]
 
 
+def gpt2_matrices(scale: int = 1) -> list[tuple[int, ...]]:
+    """GPT-2 small's hidden matrices (4 per block, 85M parameters): what Muon trains (torch's
+    Muon takes 2-D parameters only; the embeddings, biases and norms go to AdamW)."""
+    return [s for s in gpt2_small(scale)[2:] if len(s) == 2]
+
+
 PARAM_SETS: dict[str, Callable[[int], list]] = {
-    "gpt2-small": gpt2_small, "resnet50": resnet50, "many-tiny": many_tiny}
+    "gpt2-small": gpt2_small, "gpt2-matrices": gpt2_matrices, "resnet50": resnet50,
+    "many-tiny": many_tiny}
 
 
 # ---- the algorithms and torch's versions of them ----------------------------------------------
@@ -89,6 +96,9 @@ class Algorithm:
     torch_cls: type | None = None  # torch.optim's implementation of the same algorithm
     torch_kwargs: dict = dataclasses.field(default_factory=dict)
     torch_fused: bool = False
+    #: torch's variants run: "forloop" and "foreach" (its `foreach=` flag), or just "" for an
+    #: optimizer without that flag (torch's Muon)
+    torch_variants: tuple = ("forloop", "foreach")
 
 
 ALGORITHMS = {
@@ -106,6 +116,34 @@ ALGORITHMS = {
     "Lamb": Algorithm(lambda ps, impl: classic.Lamb(ps, lr=1e-3, impl=impl)),
     "ranger": Algorithm(lambda ps, impl: classic.ranger(ps, lr=1e-3, impl=impl)),
 }
+
+
+def _modern_algorithms() -> dict[str, Algorithm]:
+    """The optimizers people train with today (docs/modern.md), each beside torch's own where
+    torch has it, with torch's defaults."""
+    from .optimizers import lr_free, matrix, modern, torch_family
+
+    def ours(factory, **kwargs):
+        return lambda ps, impl: factory(ps, impl=impl, **kwargs)
+    return {
+        "Muon": Algorithm(ours(matrix.Muon, lr=0.02), torch.optim.Muon, dict(lr=0.02),
+                          torch_variants=("",)),
+        "Adafactor": Algorithm(ours(matrix.Adafactor), torch.optim.Adafactor, {}),
+        "SOAP": Algorithm(ours(matrix.SOAP)),
+        "Lion": Algorithm(ours(modern.Lion)),
+        "ADOPT": Algorithm(ours(modern.ADOPT)),
+        "Adan": Algorithm(ours(modern.Adan)),
+        "MARS": Algorithm(ours(modern.MARS)),
+        "AdamWScheduleFree": Algorithm(ours(lr_free.AdamWScheduleFree)),
+        "Prodigy": Algorithm(ours(lr_free.Prodigy)),
+        "Adagrad": Algorithm(ours(torch_family.Adagrad), torch.optim.Adagrad, {},
+                             torch_fused=True),
+        "Adamax": Algorithm(ours(torch_family.Adamax), torch.optim.Adamax, {}),
+        "NAdam": Algorithm(ours(torch_family.NAdam), torch.optim.NAdam, {}),
+        "Adadelta": Algorithm(ours(torch_family.Adadelta), torch.optim.Adadelta, {}),
+        "ASGD": Algorithm(ours(torch_family.ASGD), torch.optim.ASGD, {}),
+        "Rprop": Algorithm(ours(torch_family.Rprop), torch.optim.Rprop, {}),
+    }
 
 
 def _research_algorithms() -> dict[str, Algorithm]:
@@ -250,15 +288,16 @@ def make_candidates(name: str, algorithm: Algorithm, params: list, impls: list[s
         except ValueError:
             continue  # e.g. impl="fused" for a chain torch has no kernel for
     if with_torch and algorithm.torch_cls is not None:
-        variants = {"forloop": dict(foreach=False), "foreach": dict(foreach=True)}
+        flags_of = {"forloop": dict(foreach=False), "foreach": dict(foreach=True), "": {}}
+        variants = {v: flags_of[v] for v in algorithm.torch_variants}
         if algorithm.torch_fused:
             variants["fused"] = dict(fused=True)
         for variant, flags in variants.items():
             if (name, variant) == ("Adam", "fused"):
                 continue  # the yardstick itself
-            found.append(Candidate(f"torch {algorithm.torch_cls.__name__} {variant}",
-                                   algorithm.torch_cls(params, **algorithm.torch_kwargs, **flags),
-                                   device))
+            label = f"torch {algorithm.torch_cls.__name__} {variant}".rstrip()
+            found.append(Candidate(label, algorithm.torch_cls(params, **algorithm.torch_kwargs,
+                                                              **flags), device))
     return found
 
 
@@ -281,7 +320,7 @@ def run_set(set_name: str, scale: int, names: list[str], impls: list[str], steps
     params = make_parameters(PARAM_SETS[set_name](scale), device)
     numel = sum(p.numel() for p in params)
     rows = []
-    algorithms = {**ALGORITHMS, **_research_algorithms()}
+    algorithms = {**ALGORITHMS, **_modern_algorithms(), **_research_algorithms()}
     for name in names:
         candidates = make_candidates(name, algorithms[name], params, impls, with_torch)
         progress(f"{set_name} ({len(params)} tensors, {numel / 1e6:.1f}M parameters): {name}, "
@@ -353,7 +392,7 @@ def parse_args(argv):
     parser.add_argument("--no-torch", action="store_true", help="skip torch.optim's variants")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = parser.parse_args(argv)
-    algorithms = {**ALGORITHMS, **_research_algorithms()}
+    algorithms = {**ALGORITHMS, **_modern_algorithms(), **_research_algorithms()}
     args.params = _choices(parser, "--params", args.params, PARAM_SETS)
     args.optimizers = _choices(parser, "--optimizers", args.optimizers, algorithms)
     args.impls = _choices(parser, "--impls", args.impls,
