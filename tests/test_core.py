@@ -255,6 +255,8 @@ def test_a_block_is_checked_when_it_is_defined():
         block(lambda p, **kw: None, hypers=dict(mom=0.9))
     with pytest.raises(TypeError, match="must take \\*\\*kwargs"):
         block(lambda p, mom: None, hypers=dict(mom=0.9))
+    with pytest.raises(TypeError, match="static and switches must be tuples"):
+        block(lambda p, beta=0, **kw: None, static="beta")
     with pytest.raises(TypeError, match="reads='numbers' .* keeps tensor state"):
         block(lambda p, **kw: None, state=dict(buf=like_param), reads="numbers")
 

@@ -215,9 +215,11 @@ def _checked_spec(fn, hypers: dict, state: dict, reads, static, switches, eval_p
     if not callable(reads) and reads not in READS:
         fail(f"reads must be one of {READS} or a function of the block's keyword arguments, "
              f"got {reads!r}")
+    if isinstance(static, str) or isinstance(switches, str) or \
+            not all(isinstance(s, str) for s in [*static, *switches]):
+        fail(f"static and switches must be tuples of hyperparameter names, got {static!r} and "
+             f"{switches!r}")
     static, switches = frozenset(static), frozenset(switches)
-    if isinstance(static, str) or not all(isinstance(s, str) for s in static | switches):
-        fail("static and switches must be tuples of hyperparameter names")
     clash = set(hypers) & set(state)
     if clash:
         fail(f"{sorted(clash)} declared both as hyperparameters and as state")
