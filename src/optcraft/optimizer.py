@@ -292,21 +292,36 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
                 group[k] = written[k] = value
 
     @torch.no_grad()
+    @torch.compiler.disable(recursive=False)
     def step(self, closure: Callable | None = None):
-        """Run the chain on every parameter with a gradient; return the closure's loss."""
+        """Run the chain on every parameter with a gradient; return the closure's loss.
+
+        Under `torch.compile` (dynamo), the bookkeeping (schedules, checks, buckets) runs in
+        Python outside the graph and the chain's arithmetic on each bucket is traced (see
+        `optcraft.engine`)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for chain, path, groups in self._begin_step():
+            engine.step(chain, path, groups, self.state, self.master_weights)
+        self.schedule_step += 1
+        return loss
+
+    @torch.compiler.disable
+    def _begin_step(self) -> list:
+        """The host's part of a step before its arithmetic: the schedules' values written
+        (all checked before any is), the groups checked, and each chain with its path and
+        groups."""
         self._apply_schedules()
         self._check_before_step()
         paths = self._paths()
+        runs = []
         for name, chain in self.chains.items():
             groups = [g for g in self.param_groups if self._chain_name(g) == name]
             if groups:
-                engine.step(chain, paths[name], groups, self.state, self.master_weights)
-        self.schedule_step += 1
-        return loss
+                runs.append((chain, paths[name], groups))
+        return runs
 
     def _check_before_step(self) -> None:
         for i, group in enumerate(self.param_groups):

@@ -83,20 +83,21 @@ def group_state_of(group: dict, chain: Chain) -> dict:
 
 
 def _plain_scalars(hyper: dict) -> dict:
-    """Eager paths take Python numbers: a one-element tensor hyperparameter (a tensor lr) is read
-    once."""
+    """The hyperparameters as the blocks take them: a one-element tensor (a tensor lr, of any
+    shape, as torch takes it) stays a tensor, as a 0-d one, so that a step never reads its value
+    back from the device (no `.item()`) and a compiled step sees new values as new data."""
     out = {}
     for k, v in hyper.items():
-        if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.requires_grad:
-            v = v.item()
+        if isinstance(v, torch.Tensor) and v.numel() == 1 and v.dim() > 0:
+            v = v.reshape(())
         out[k] = v
     return out
 
 
-def step(chain: Chain, path: Path, groups: Iterable[dict], state,
-         master_weights: bool = True) -> None:
-    """One optimizer step of `chain` over `groups` on `path`."""
-    groups = list(groups)
+@torch.compiler.disable
+def _plan(chain: Chain, path: Path, groups: list, state) -> list:
+    """The host's part of a step before any arithmetic: each group's hyperparameters, values and
+    buckets."""
     path.begin_step()
     plan = []
     for group in groups:
@@ -104,27 +105,53 @@ def step(chain: Chain, path: Path, groups: Iterable[dict], state,
         values = dict(group_state_of(group, chain)) if chain.group_state or \
             GROUP_STATE in group else {}
         plan.append((group, hyper, values, path.buckets(group["params"], state)))
+    return plan
+
+
+# Under `torch.compile` of a user's function (dynamo), a step's bookkeeping (buckets, state
+# dicts, group dicts) runs in Python, outside the graph (`torch.compiler.disable`), and dynamo
+# traces only the chain's arithmetic on each bucket (`Path.run`): `step` and `run_bucket` are
+# skipped by dynamo themselves (recursive=False) so that the calls they make are traced, the
+# bookkeeping helpers are skipped with everything they call.
+@torch.compiler.disable(recursive=False)
+def step(chain: Chain, path: Path, groups: Iterable[dict], state,
+         master_weights: bool = True) -> None:
+    """One optimizer step of `chain` over `groups` on `path`."""
+    plan = _plan(chain, path, list(groups), state)
     for stage in chain.stages:
         sums: dict[str, list] = {}
         for group, hyper, values, buckets in plan:
             for bucket in buckets:
                 run_bucket(path, stage, bucket, state, values, hyper, master_weights, sums)
         if stage.all_block is not None:
-            totals = {k: sum_over_ranks(v) for k, v in sums.items()}
-            for name in chain.summed:
-                totals.setdefault(name, 0.0)
-            for group, hyper, values, buckets in plan:
-                _run_all_block(chain, stage.all_block, group, hyper, values, totals, state)
+            _all_block_stage(chain, stage, plan, sums, state)
 
 
+@torch.compiler.disable
+def _all_block_stage(chain: Chain, stage: Stage, plan: list, sums: dict, state) -> None:
+    totals = {k: sum_over_ranks(v) for k, v in sums.items()}
+    for name in chain.summed:
+        totals.setdefault(name, 0.0)
+    for group, hyper, values, buckets in plan:
+        _run_all_block(chain, stage.all_block, group, hyper, values, totals, state)
+
+
+@torch.compiler.disable(recursive=False)
 def run_bucket(path: Path, stage: Stage, bucket: Bucket, state, group_values: dict, hyper: dict,
                master_weights: bool, sums: dict) -> None:
     """A stage of the chain on one bucket, and the new state written back.  Half-precision
     parameters run on their float32 master copies (see `optcraft.precision`), complex ones as
     their real views; what the chain hands on (`transient`) is dropped, and what it sums over all
     parameters (`summed`) is added to `sums`."""
-    with_master = precision.uses_master(bucket.params[0].dtype, master_weights)
-    if with_master:
+    masters, params, values = _bucket_inputs(bucket, state, group_values, master_weights)
+    values = path.run(stage, bucket, params, values, hyper)
+    _bucket_outputs(path, bucket, state, group_values, values, sums, masters)
+
+
+@torch.compiler.disable
+def _bucket_inputs(bucket: Bucket, state, group_values: dict, master_weights: bool):
+    masters = None
+    if precision.uses_master(bucket.params[0].dtype, master_weights):
         masters = precision.masters_of(bucket.params, state)
         params = ParamList(masters, precision.upcast(bucket.grads))
     elif bucket.params[0].is_complex():  # (a bucket holds one dtype)
@@ -134,7 +161,12 @@ def run_bucket(path: Path, stage: Stage, bucket: Bucket, state, group_values: di
         params = ParamList(bucket.params, bucket.grads)
     values = {**group_values, **bucket.gather(state)}
     values.pop(precision.MASTER, None)
-    values = path.run(stage, bucket, params, values, hyper)
+    return masters, params, values
+
+
+@torch.compiler.disable
+def _bucket_outputs(path: Path, bucket: Bucket, state, group_values: dict, values: dict,
+                    sums: dict, masters) -> None:
     values.pop(precision.MASTER, None)
     for name in group_values:
         values.pop(name, None)
@@ -145,7 +177,7 @@ def run_bucket(path: Path, stage: Stage, bucket: Bucket, state, group_values: di
         if value is not None:
             sums.setdefault(name, []).append(value)
     bucket.scatter(state, values)
-    if with_master:
+    if masters is not None:
         precision.write_back(bucket.params, masters)
 
 
