@@ -326,7 +326,7 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
     def _check_before_step(self) -> None:
         for i, group in enumerate(self.param_groups):
             self._refuse_fixed(group, f"parameter group {i}")
-            hp.validate_group(hp.HyperView(group), i)
+            hp.validate_group(hp.HyperView(group), i, read=False)  # (no device read)
             if self._chain_of(group).eval_points and \
                     not engine.group_state_of(group, self._chain_of(group)).get("train_mode", True):
                 raise RuntimeError(f"parameter group {i}: the optimizer is in eval mode "
@@ -370,6 +370,7 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
             kept["train_mode"] = training
         return self
 
+    @torch.compiler.disable  # bookkeeping over the group dicts: in Python under torch.compile
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Zero every gradient in place (fastai's behaviour), or set them to None
         (`set_to_none=True`, torch's default)."""
