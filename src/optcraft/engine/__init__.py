@@ -176,9 +176,26 @@ def _bucket_outputs(path: Path, bucket: Bucket, state, group_values: dict, value
         value = values.pop(name, None)
         if value is not None:
             sums.setdefault(name, []).append(value)
+    _unalias_new_state(bucket, values)
     bucket.scatter(state, values)
     if masters is not None:
         precision.write_back(bucket.params, masters)
+
+
+def _unalias_new_state(bucket: Bucket, values: dict) -> None:
+    """State made at this step that is a gradient or a parameter itself gets its own memory:
+    a compiled chain (inductor) may return an input as an output equal to it (SGD's first
+    momentum buffer, `0 * mom + g`, is the gradient), and `zero_grad` would then zero it."""
+    new = [k for k, v in values.items()
+           if isinstance(v, TensorList) and k not in bucket.tensor_keys]
+    if not new:  # (every step but the first)
+        return
+    inputs = {t.data_ptr() for t in (*bucket.grads, *bucket.params)}
+    for key in new:
+        value = values[key]
+        if any(t.data_ptr() in inputs for t in value.tensors):
+            values[key] = TensorList([t.clone() if t.data_ptr() in inputs else t
+                                      for t in value.tensors])
 
 
 def _run_all_block(chain: Chain, cb, group: dict, hyper: dict, values: dict, totals: dict,
