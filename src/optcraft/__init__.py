@@ -11,7 +11,7 @@ from .blocks import (centralize_grad, keep_param, last_update, lion_step, nester
 from . import blocks, compiler_hints, engine, groups, optax, predicates, schedules, tensorlist, transforms
 from .groups import param_groups
 from .optimizer import Optimizer
-from .optimizers.classic import QHAdam, RAdam, RMSProp, SGD, Adam, Lamb, Larc, ranger
+from .optimizers.classic import QHAdam, RAdam, RMSProp, SGD, Adam, Lamb, Larc, ranger, AdamW, RMSprop
 from .optimizers.research import (LAMB, UM, AdamAWD, AdamGC, BAdam, DuvAdam, PreLAMB, SAdam,
                                   SRAdam, StableAdam, SUAdam, record_updates, with_blocks)
 from .plots import plot_radam_rectifier
