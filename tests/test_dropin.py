@@ -43,3 +43,79 @@ def test_torch_spellings_are_the_same_optimizers():
     p.grad = torch.zeros(3)
     opt.step()
     torch.testing.assert_close(p.detach(), torch.full((3,), 0.95))
+
+
+# ---- item 4: loading a state dict ----------------------------------------------------------
+
+def _stepped(factory, **kwargs):
+    params = _params()
+    opt = factory(params, **kwargs)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    return params, opt
+
+
+def _snapshot(opt):
+    return repr(opt.state_dict())
+
+
+def test_state_of_another_dtype_is_cast_to_the_parameters_as_torch_does():
+    params, opt = _stepped(oc.Adam)
+    sd = opt.state_dict()
+    for st in sd["state"].values():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                st[k] = v.to(torch.float64)
+    ref = torch.optim.Adam(_params())
+    for p in ref.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    ref.step()
+    ref_sd = ref.state_dict()
+    for st in ref_sd["state"].values():
+        st["exp_avg"] = st["exp_avg"].to(torch.float64)
+    ref.load_state_dict(ref_sd)
+    fresh_params, fresh = _stepped(oc.Adam)
+    fresh.load_state_dict(sd)
+    for p in fresh_params:
+        assert fresh.state[p]["grad_avg"].dtype == p.dtype == torch.float32
+    assert all(st["exp_avg"].dtype == torch.float32 for st in ref.state.values())
+
+
+@pytest.mark.parametrize("source,target", [
+    (oc.Adam, oc.Lamb), (oc.Adam, lambda ps: oc.SGD(ps, momentum=0.9)), (oc.ranger, oc.RAdam)],
+    ids=["Adam-into-Lamb", "Adam-into-SGD", "ranger-into-RAdam"])
+def test_a_state_dict_of_another_optimizer_is_refused_before_anything_changes(source, target):
+    _, src = _stepped(source)
+    _, opt = _stepped(target)
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match="another optimizer"):
+        opt.load_state_dict(src.state_dict())
+    assert _snapshot(opt) == before
+
+
+@pytest.mark.parametrize("step", ["3", None, [3]])
+def test_a_non_number_step_is_refused(step):
+    _, opt = _stepped(oc.Adam)
+    sd = opt.state_dict()
+    sd["state"][0]["step"] = step
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match="'step' of parameter 0 must be a number"):
+        opt.load_state_dict(sd)
+    assert _snapshot(opt) == before
+
+
+def test_a_group_missing_a_hyperparameter_is_refused():
+    _, opt = _stepped(oc.Adam)
+    sd = opt.state_dict()
+    del sd["param_groups"][0]["eps"]
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match="has no 'eps'"):
+        opt.load_state_dict(sd)
+    assert _snapshot(opt) == before
+
+
+def test_ranger_loads_its_own_state_dict():
+    _, opt = _stepped(oc.ranger)
+    _, other = _stepped(oc.ranger)
+    other.load_state_dict(opt.state_dict())

@@ -5,6 +5,7 @@ and `state`."""
 from __future__ import annotations
 
 import copy
+import numbers
 import warnings
 from collections import defaultdict
 from itertools import chain
@@ -130,6 +131,9 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
 
     # fastai keeps force_train and do_wd; do_trust_ratio is optcraft.optax.lars's mask, a flag alike.
     _keep_on_clear = ("force_train", "do_wd", "do_trust_ratio")
+    #: Per-parameter state entries kept by something around the chain (a wrapper such as
+    #: Lookahead adds its own): `load_state_dict` accepts them besides the chain's.
+    extra_state: tuple[str, ...] = ()
 
     def __init__(self, params, cbs, train_bn: bool = True, impl: str = "auto",
                  master_weights: bool = True, **defaults):
@@ -438,6 +442,7 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
         extra = {k: self.__dict__[k]
                  for k in ("train_bn", "frozen_idx", "impl", "master_weights", "fixed_args",
                            "recipe_name", "schedule_step", "_schedules", "_written")}
+        extra["extra_state"] = self.extra_state
         # The callbacks are pickled; each `Chain` is worked out from them again.
         chains = {name: chain.cbs for name, chain in self.chains.items()}
         return {**super().__getstate__(), **extra, "chains": chains}
@@ -564,7 +569,25 @@ def _checked_state(opt: torch.optim.Optimizer, state_dict: dict):
         if not isinstance(values, dict):
             raise ValueError(f"state of parameter {key!r} must be a dict, got {type(values).__name__}")
         rules = chain_of[id(p)]
+        if rules is not None and all(spec is not None for spec, _ in rules.specs):
+            # Every entry is one the chain's blocks keep (or a flag, a master copy, a wrapper's):
+            # another optimizer's state (Adam's loaded into SGD) is refused.
+            from .precision import MASTER
+            known = {*rules.kept, *rules.transient, MASTER, *Optimizer._keep_on_clear,
+                     *getattr(opt, "extra_state", ())}
+            foreign = sorted(str(k) for k in values if k not in known)
+            if foreign:
+                raise ValueError(f"state of parameter {key!r} has {', '.join(foreign)}, which "
+                                 f"this optimizer's chain ({rules!r}) does not keep: a state "
+                                 f"dict of another optimizer?")
         if rules is not None:
+            for name, rule in rules.kept.items():
+                value = values.get(name)
+                if rule.kind == "number" and name in values and not (
+                        (isinstance(value, numbers.Real) and not isinstance(value, bool)) or
+                        (isinstance(value, torch.Tensor) and value.numel() == 1)):
+                    raise ValueError(f"state {name!r} of parameter {key!r} must be a number, got "
+                                     f"{type(value).__name__} {value!r}")
             required = rules.required_state(p)
             present = required & set(values)
             if present and present != required:
@@ -595,6 +618,12 @@ def _checked_state(opt: torch.optim.Optimizer, state_dict: dict):
     for i, (g, s) in enumerate(zip(groups, saved_groups)):
         values = hp.canonical_names({k: v for k, v in s.items() if k != "params"},
                                     f"parameter group {i}: ")
+        missing = sorted(k for k in dict.keys(g) if k not in engine.HIDDEN_GROUP_KEYS
+                         and k not in values)
+        if missing:
+            raise ValueError(f"parameter group {i}: the state dict's group has no "
+                             f"{', '.join(map(repr, missing))}, which this optimizer's has: a "
+                             f"state dict of another optimizer?")
         hp.validate_group(values, i)
         new = hp.ParamGroup(copy.deepcopy(values))
         new["params"] = g["params"]

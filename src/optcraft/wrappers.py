@@ -112,6 +112,8 @@ class Lookahead(_Delegating):
             raise ValueError(f"Lookahead: alpha must be in [0, 1], got {alpha!r}")
         self._init_torch_parts(opt)
         self.k, self.alpha, self.count = k, float(alpha), 0
+        if hasattr(opt, "extra_state"):  # the inner optimizer's checkpoints hold these too
+            opt.extra_state = (*opt.extra_state, "slow_weight", COUNT)
 
     @property
     def hypers(self):
