@@ -119,3 +119,29 @@ def test_ranger_loads_its_own_state_dict():
     _, opt = _stepped(oc.ranger)
     _, other = _stepped(oc.ranger)
     other.load_state_dict(opt.state_dict())
+
+
+# ---- item 5: nothing half-applied; misspelled hyperparameters ---------------------------------
+
+def test_a_step_failing_on_one_groups_schedule_changes_no_group():
+    """Group 0's schedule is fine, group 1's gives a negative lr at step 2: the step that fails
+    leaves group 0's lr (and every parameter) as the uninterrupted run left it a step before."""
+    a, b = _params()
+    opt = oc.SGD([[a], [b]], lr=1e-2)
+    opt.set_hyper("lr", [lambda step: 0.1 / (step + 1), lambda step: 0.1 - 0.06 * step])
+    for p in (a, b):
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.step()
+    before = ([g["lr"] for g in opt.param_groups], a.detach().clone(), b.detach().clone())
+    with pytest.raises(ValueError, match=r"lr \(parameter group 1\)"):
+        opt.step()
+    assert [g["lr"] for g in opt.param_groups] == before[0]
+    assert torch.equal(a, before[1]) and torch.equal(b, before[2])
+
+
+def test_a_misspelled_hyperparameter_is_refused_with_the_nearest_name():
+    with pytest.raises(ValueError, match="unknown hyperparameter 'mom_sqr'; did you mean 'sqr_mom'"):
+        oc.Optimizer(_params(), oc.Adam(_params()).cbs, lr=1e-3, mom_sqr=0.9)
+    # the blocks' names, lr and the per-parameter flags are known
+    oc.Optimizer(_params(), oc.Adam(_params()).cbs, lr=1e-3, sqr_mom=0.9, eps=1e-6, do_wd=False)

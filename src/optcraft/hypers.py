@@ -234,7 +234,10 @@ def check_known(name: str, known: set) -> None:
     if name in known:
         return
     import difflib
-    close = difflib.get_close_matches(name, sorted(known), n=3)
+    # The same words in another order (`mom_sqr` for `sqr_mom`) first, then difflib's.
+    words = sorted(name.split("_"))
+    close = [k for k in sorted(known) if sorted(k.split("_")) == words]
+    close += [k for k in difflib.get_close_matches(name, sorted(known), n=3) if k not in close]
     hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
     raise ValueError(f"unknown hyperparameter {name!r}{hint} (this optimizer has "
                      f"{', '.join(sorted(known)) or 'none'})")

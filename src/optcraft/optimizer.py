@@ -156,6 +156,7 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
         for i, group in enumerate(groups):
             self._check_chain_name(group, i)
         overrides = hp.canonical_names(defaults)
+        self._check_names(overrides)
         per_group = {k: hp.spread(k, v, len(groups)) for k, v in overrides.items()}
         for i, group in enumerate(groups):
             for k, values in per_group.items():
@@ -166,6 +167,23 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
         last = {k: v for k, v in groups[-1].items() if k not in engine.HIDDEN_GROUP_KEYS} \
             if groups else {}
         super().__init__(groups, hp.ParamGroup(last))
+
+    def _check_names(self, names) -> None:
+        """ValueError, naming the nearest known name, for a hyperparameter no block of the chains
+        takes (`mom_sqr=0.9`), instead of storing it unused.  Known: the blocks' hyperparameters
+        (`Chain.defaults`), `lr`, and the per-parameter flags blocks read; not checked where a
+        chain holds a plain callback (its keywords are not declared)."""
+        if any(spec is None for chain in self.chains.values() for spec, _ in chain.specs):
+            return
+        known = {"lr", *self._keep_on_clear}
+        for chain in self.chains.values():
+            known |= set(chain.defaults)
+            for cb, (spec, _) in zip(chain.cbs, chain.specs):
+                known |= set(spec.hypers) | set(spec.static) | set(spec.switches)
+                known |= _keywords_of(cb) - {"p"} - set(chain.kept) - chain.transient - \
+                    set(chain.group_state) - chain.summed
+        for name in names:
+            hp.check_known(name, known)
 
     # ---- the chains --------------------------------------------------------------------------
     @property
@@ -282,7 +300,10 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
             group[k] = v
 
     def _apply_schedules(self) -> None:
-        """Write every schedule's value for this step into param_groups (see optcraft.schedules)."""
+        """Write every schedule's value for this step into param_groups (see optcraft.schedules):
+        every value is worked out and checked first, then all are written, so a schedule that
+        fails leaves every group as it was."""
+        pending = []
         for i, (group, schedules, written) in enumerate(zip(self.param_groups, self._schedules,
                                                             self._written)):
             for k, schedule in schedules.items():
@@ -290,10 +311,12 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
                     warnings.warn(f"{k} (parameter group {i}) was changed from outside the "
                                   f"optimizer, but it follows a schedule, which owns it: the "
                                   f"schedule's value is used. Use set_hyper({k!r}, value) to drop "
-                                  f"the schedule.", stacklevel=3)
+                                  f"the schedule.", stacklevel=4)
                 value = schedule(self.schedule_step)
                 hp.validate(k, value, i)
-                group[k] = written[k] = value
+                pending.append((group, written, k, value))
+        for group, written, k, value in pending:
+            group[k] = written[k] = value
 
     @torch.no_grad()
     @torch.compiler.disable(recursive=False)
@@ -459,6 +482,21 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
         if len(self.chains) == 1:
             return f"{text}\nchain: {self.chain!r}"
         return text + "".join(f"\nchain {name!r}: {chain!r}" for name, chain in self.chains.items())
+
+
+def _keywords_of(cb) -> set[str]:
+    """The named keyword arguments a block's function takes (what it reads from the group)."""
+    import inspect
+
+    from .blocks.base import unwrap_partial
+
+    fn, _ = unwrap_partial(cb)
+    fn = inspect.unwrap(fn)
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    return {q.name for q in params if q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY)}
 
 
 def _as_callbacks(cbs) -> list:
