@@ -33,7 +33,9 @@ def _examples():
                 yield pytest.param(page, blocks, line_of, id=f"{page.name}(in order)")
             continue
         for code, line in zip(blocks, line_of):
-            yield pytest.param(page, [code], [line], id=f"{page.name}:{line}")
+            # a cold torch.compile costs tens of seconds on a small CPU: with the slow tests
+            marks = [pytest.mark.slow] if "torch.compile" in code else []
+            yield pytest.param(page, [code], [line], id=f"{page.name}:{line}", marks=marks)
 
 
 def _needs_torchrun(code: str) -> bool:
