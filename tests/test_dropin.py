@@ -145,3 +145,32 @@ def test_a_misspelled_hyperparameter_is_refused_with_the_nearest_name():
         oc.Optimizer(_params(), oc.Adam(_params()).cbs, lr=1e-3, mom_sqr=0.9)
     # the blocks' names, lr and the per-parameter flags are known
     oc.Optimizer(_params(), oc.Adam(_params()).cbs, lr=1e-3, sqr_mom=0.9, eps=1e-6, do_wd=False)
+
+
+# ---- item 7: a tensor lr as torch takes it ----------------------------------------------------
+
+@pytest.mark.parametrize("impl", ["reference", "foreach", "auto", "compiled"])
+def test_a_one_element_tensor_lr_of_any_shape_is_taken_as_torch_takes_it(impl):
+    """`torch.tensor(1e-3).reshape(1, 1)` is one number: the steps equal torch.optim.SGD's with
+    the same tensor lr."""
+    params, ref = _params(), _params()
+    opt = oc.SGD(params, lr=torch.tensor(1e-2).reshape(1, 1), momentum=0.9, impl=impl)
+    torch_opt = torch.optim.SGD(ref, lr=torch.tensor(1e-2).reshape(1, 1), momentum=0.9)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(4):
+        for p, q in zip(params, ref):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        opt.step()
+        torch_opt.step()
+    torch.testing.assert_close(params, ref)
+
+
+def test_a_tensor_of_several_numbers_is_refused_as_torch_refuses_it():
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        torch.optim.SGD(_params(), lr=torch.tensor([1e-3, 1e-3]))
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        oc.SGD(_params(), lr=torch.tensor([1e-3, 1e-3]))
+    opt = oc.SGD(_params(), lr=1e-3)
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        opt.set_hyper("lr", torch.ones(2, 2))
