@@ -141,7 +141,7 @@ def test_a_step_failing_on_one_groups_schedule_changes_no_group():
 
 
 def test_a_misspelled_hyperparameter_is_refused_with_the_nearest_name():
-    with pytest.raises(ValueError, match="unknown hyperparameter 'mom_sqr'; did you mean 'sqr_mom'"):
+    with pytest.raises(ValueError, match="did you mean .sqr_mom."):
         oc.Optimizer(_params(), oc.Adam(_params()).cbs, lr=1e-3, mom_sqr=0.9)
     # the blocks' names, lr and the per-parameter flags are known
     oc.Optimizer(_params(), oc.Adam(_params()).cbs, lr=1e-3, sqr_mom=0.9, eps=1e-6, do_wd=False)

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import torch
+from torch._C._dynamo.eval_frame import get_eval_frame_callback
 
 from .. import precision
 from ..blocks.base import vectorised
@@ -94,7 +95,6 @@ def _plain_scalars(hyper: dict) -> dict:
     return out
 
 
-@torch.compiler.disable
 def _plan(chain: Chain, path: Path, groups: list, state) -> list:
     """The host's part of a step before any arithmetic: each group's hyperparameters, values and
     buckets."""
@@ -112,22 +112,25 @@ def _plan(chain: Chain, path: Path, groups: list, state) -> list:
 # dicts, group dicts) runs in Python, outside the graph (`torch.compiler.disable`), and dynamo
 # traces only the chain's arithmetic on each bucket (`Path.run`): `step` and `run_bucket` are
 # skipped by dynamo themselves (recursive=False) so that the calls they make are traced, the
-# bookkeeping helpers are skipped with everything they call.
+# bookkeeping helpers are skipped with everything they call (`_DISABLED`), under dynamo only
+# (when dynamo's frame callback is set): eagerly a disabled function's wrapper costs
+# microseconds a call, and they run per bucket.
 @torch.compiler.disable(recursive=False)
 def step(chain: Chain, path: Path, groups: Iterable[dict], state,
          master_weights: bool = True) -> None:
     """One optimizer step of `chain` over `groups` on `path`."""
-    plan = _plan(chain, path, list(groups), state)
+    eager = get_eval_frame_callback() is None  # (not under dynamo)
+    plan = (_plan if eager else _DISABLED[_plan])(chain, path, list(groups), state)
     for stage in chain.stages:
         sums: dict[str, list] = {}
         for group, hyper, values, buckets in plan:
             for bucket in buckets:
                 run_bucket(path, stage, bucket, state, values, hyper, master_weights, sums)
         if stage.all_block is not None:
-            _all_block_stage(chain, stage, plan, sums, state)
+            all_blocks = _all_block_stage if eager else _DISABLED[_all_block_stage]
+            all_blocks(chain, stage, plan, sums, state)
 
 
-@torch.compiler.disable
 def _all_block_stage(chain: Chain, stage: Stage, plan: list, sums: dict, state) -> None:
     totals = {k: sum_over_ranks(v) for k, v in sums.items()}
     for name in chain.summed:
@@ -143,12 +146,14 @@ def run_bucket(path: Path, stage: Stage, bucket: Bucket, state, group_values: di
     parameters run on their float32 master copies (see `optcraft.precision`), complex ones as
     their real views; what the chain hands on (`transient`) is dropped, and what it sums over all
     parameters (`summed`) is added to `sums`."""
-    masters, params, values = _bucket_inputs(bucket, state, group_values, master_weights)
+    eager = get_eval_frame_callback() is None  # (not under dynamo)
+    inputs = _bucket_inputs if eager else _DISABLED[_bucket_inputs]
+    outputs = _bucket_outputs if eager else _DISABLED[_bucket_outputs]
+    masters, params, values = inputs(bucket, state, group_values, master_weights)
     values = path.run(stage, bucket, params, values, hyper)
-    _bucket_outputs(path, bucket, state, group_values, values, sums, masters)
+    outputs(path, bucket, state, group_values, values, sums, masters)
 
 
-@torch.compiler.disable
 def _bucket_inputs(bucket: Bucket, state, group_values: dict, master_weights: bool):
     masters = None
     if precision.uses_master(bucket.params[0].dtype, master_weights):
@@ -164,7 +169,6 @@ def _bucket_inputs(bucket: Bucket, state, group_values: dict, master_weights: bo
     return masters, params, values
 
 
-@torch.compiler.disable
 def _bucket_outputs(path: Path, bucket: Bucket, state, group_values: dict, values: dict,
                     sums: dict, masters) -> None:
     values.pop(precision.MASTER, None)
@@ -211,6 +215,10 @@ def _run_all_block(chain: Chain, cb, group: dict, hyper: dict, values: dict, tot
         if name in chain.group_state:
             kept[name] = value
         values[name] = value
+
+
+_DISABLED = {fn: torch.compiler.disable(fn)
+             for fn in (_plan, _all_block_stage, _bucket_inputs, _bucket_outputs)}
 
 
 def move_to_point(move, p: torch.Tensor, st: dict, values: dict, master_weights: bool) -> None:
