@@ -141,6 +141,7 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
         # The arguments a named recipe turned into the chain (set by `hypers.torch_names`).
         self.fixed_args, self.recipe_name = {}, None
         self.train_bn, self.frozen_idx = train_bn, 0
+        self.extra_state = ()  # (see the class attribute)
         if not isinstance(master_weights, bool):
             raise TypeError(f"master_weights must be True or False, got {master_weights!r}")
         self.master_weights = master_weights
