@@ -73,3 +73,78 @@ def test_cuda_step_never_waits_for_the_device(name, impl):
         opt.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["reference", "foreach", "auto"])
+@pytest.mark.parametrize("name", registry.names())
+def test_cuda_step_with_a_tensor_lr_never_waits_for_the_device(name, impl):
+    """Every named optimizer on the eager paths, a tensor lr on the device included: a step under
+    `set_sync_debug_mode("error")` makes no host-device synchronisation."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=g).cuda().requires_grad_() for s in SHAPES]
+    entry = registry.get(name)
+    opt = entry.make(params, lr=torch.tensor(entry.lr, device="cuda"), impl=impl)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,settings", [("SGD", {"mom": 0.9}), ("RMSProp", {}), ("Larc", {})])
+@pytest.mark.parametrize("impl", ["foreach", "auto"])
+def test_cuda_graph_capture_of_a_step_replays_the_eager_steps(name, settings, impl):
+    """`torch.cuda.graph` around `opt.step()` with static gradients (torch's recipe: warm-up steps
+    on a side stream make the state, then capture), replayed, equals the eager steps; the tensor
+    lr is read from device memory, so a scheduler's in-place change reaches the replays.  (Chains
+    that count steps in Python, the Adam family's bias correction, would replay the step count
+    of the capture: docs/integration.md.)"""
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(s, generator=g) for s in SHAPES]
+    grads = [[torch.randn(s, generator=g) for s in SHAPES] for _ in range(8)]
+
+    def make():
+        params = [d.clone().cuda().requires_grad_() for d in data]
+        lr = torch.tensor(0.01, device="cuda")
+        return params, lr, registry.get(name).factory(params, lr=lr, impl=impl, **settings)
+
+    params, lr, opt = make()
+    ref_params, ref_lr, ref_opt = make()
+    static = [torch.zeros_like(p) for p in params]
+    for p, s in zip(params, static):
+        p.grad = s
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(3):
+            for s, gr in zip(static, grads[i]):
+                s.copy_(gr)
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for i in range(3):
+        for p, gr in zip(ref_params, grads[i]):
+            p.grad = gr.cuda()
+        ref_opt.step()
+    for i in range(3, 8):
+        if i == 5:
+            lr.fill_(0.005)
+            ref_lr.fill_(0.005)
+        for s, gr in zip(static, grads[i]):
+            s.copy_(gr)
+        graph.replay()
+        for p, gr in zip(ref_params, grads[i]):
+            p.grad = gr.cuda()
+        ref_opt.step()
+    torch.cuda.synchronize()
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p.detach(), q.detach())

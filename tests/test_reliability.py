@@ -90,7 +90,7 @@ def test_sparse_gradient_refused_before_anything_changes():
     (None, TypeError, r"lr \(parameter group 0\) must be a real number, got NoneType"),
     (True, TypeError, r"lr \(parameter group 0\) must be a real number, got bool"),
     (-0.1, ValueError, r"lr \(parameter group 0\) must be in \[0, inf\), got -0.1"),
-    (torch.ones(2), ValueError, "lr: a tensor value must be 0-d"),
+    (torch.ones(2), ValueError, "Tensor lr must be 1-element"),
     (torch.tensor(1 + 1j), TypeError, "real"),
 ])
 def test_wrong_type_or_range(value, error, text):

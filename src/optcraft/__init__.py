@@ -11,7 +11,8 @@ from .blocks import (centralize_grad, keep_param, last_update, lion_step, nester
 from . import blocks, compiler_hints, engine, groups, optax, predicates, schedules, tensorlist, transforms
 from .groups import param_groups
 from .optimizer import Optimizer
-from .optimizers.classic import QHAdam, RAdam, RMSProp, SGD, Adam, Lamb, Larc, ranger
+from .optimizers.classic import (QHAdam, RAdam, RMSProp, SGD, Adam, AdamW, Lamb, Larc, RMSprop,
+                                 ranger)
 from .optimizers.lr_free import AdamWScheduleFree, Prodigy, SGDScheduleFree, schedule_free
 from .optimizers.matrix import SOAP, Adafactor, Muon, hidden_matrices, muon_with_adamw
 from .optimizers.modern import ADOPT, MARS, Adan, Lion

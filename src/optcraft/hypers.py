@@ -167,9 +167,9 @@ def spread(name: str, value: Any, n_groups: int) -> list:
             raise ValueError(f"{name}: got {len(value)} values for {n_groups} parameter group(s); "
                              f"give one value, or one per group")
         return list(value)
-    if isinstance(value, torch.Tensor) and value.dim() > 0:
-        raise ValueError(f"{name}: a tensor value must be 0-d (one value); for one value per group "
-                         f"give a list")
+    if isinstance(value, torch.Tensor) and value.numel() != 1:
+        raise ValueError(f"Tensor {name} must be 1-element (one value, as torch takes it), got "
+                         f"shape {tuple(value.shape)}; for one value per group give a list")
     if hasattr(value, "__array__") and not isinstance(value, torch.Tensor):
         # fastai's schedulers give one value per group as a numpy array (discriminative lrs).
         listed = value.tolist() if hasattr(value, "tolist") else None
@@ -202,19 +202,21 @@ def _range_text(lo, hi, lo_in, hi_in) -> str:
     return f"{'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
 
 
-def validate(name: str, value: Any, group: int | None = None) -> None:
-    """Raise ValueError/TypeError naming `name` (and the group) if `value` is not acceptable."""
+def validate(name: str, value: Any, group: int | None = None, read: bool = True) -> None:
+    """Raise ValueError/TypeError naming `name` (and the group) if `value` is not acceptable.
+    With `read=False` (before each step) a tensor's value is not read, only its kind: reading it
+    would make the host wait for the device."""
     rule = RANGES.get(name)
     if rule is None:
         return
     where = f"{name}" if group is None else f"{name} (parameter group {group})"
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"{where}: a tensor value must hold one number, got shape "
-                             f"{tuple(value.shape)}")
+            raise ValueError(f"Tensor {name} must be 1-element ({where}: got shape "
+                             f"{tuple(value.shape)})")
         if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"{where}: a tensor value must be real, got dtype {value.dtype}")
-        if value.device.type == "meta":
+        if value.device.type == "meta" or not read:
             return
         number = float(value.detach().cpu())
     elif isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -232,7 +234,10 @@ def check_known(name: str, known: set) -> None:
     if name in known:
         return
     import difflib
-    close = difflib.get_close_matches(name, sorted(known), n=3)
+    # The same words in another order (`mom_sqr` for `sqr_mom`) first, then difflib's.
+    words = sorted(name.split("_"))
+    close = [k for k in sorted(known) if sorted(k.split("_")) == words]
+    close += [k for k in difflib.get_close_matches(name, sorted(known), n=3) if k not in close]
     hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
     raise ValueError(f"unknown hyperparameter {name!r}{hint} (this optimizer has "
                      f"{', '.join(sorted(known)) or 'none'})")
@@ -244,10 +249,11 @@ def current_value(value, step: int):
     return value(step) if is_schedule(value) else value
 
 
-def validate_group(values: Mapping[str, Any], group: int | None = None) -> None:
+def validate_group(values: Mapping[str, Any], group: int | None = None,
+                   read: bool = True) -> None:
     for name, value in values.items():
         if name not in HyperView._hidden:
-            validate(name, value, group)
+            validate(name, value, group, read)
 
 
 #: Keyword arguments of a recipe that choose how it runs, not what it computes.

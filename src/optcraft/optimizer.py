@@ -5,6 +5,7 @@ and `state`."""
 from __future__ import annotations
 
 import copy
+import numbers
 import warnings
 from collections import defaultdict
 from itertools import chain
@@ -132,6 +133,9 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
 
     # fastai keeps force_train and do_wd; do_trust_ratio is optcraft.optax.lars's mask, a flag alike.
     _keep_on_clear = ("force_train", "do_wd", "do_trust_ratio")
+    #: Per-parameter state entries kept by something around the chain (a wrapper such as
+    #: Lookahead adds its own): `load_state_dict` accepts them besides the chain's.
+    extra_state: tuple[str, ...] = ()
 
     def __init__(self, params, cbs, train_bn: bool = True, impl: str = "auto",
                  master_weights: bool = True, **defaults):
@@ -139,6 +143,7 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
         # The arguments a named recipe turned into the chain (set by `hypers.torch_names`).
         self.fixed_args, self.recipe_name = {}, None
         self.train_bn, self.frozen_idx = train_bn, 0
+        self.extra_state = ()  # (see the class attribute)
         if not isinstance(master_weights, bool):
             raise TypeError(f"master_weights must be True or False, got {master_weights!r}")
         self.master_weights = master_weights
@@ -154,6 +159,7 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
         for i, group in enumerate(groups):
             self._check_chain_name(group, i)
         overrides = hp.canonical_names(defaults)
+        self._check_names(overrides)
         per_group = {k: hp.spread(k, v, len(groups)) for k, v in overrides.items()}
         for i, group in enumerate(groups):
             for k, values in per_group.items():
@@ -170,6 +176,23 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
             super().__init__(groups, hp.ParamGroup(last))
         finally:
             self._building = False
+
+    def _check_names(self, names) -> None:
+        """ValueError, naming the nearest known name, for a hyperparameter no block of the chains
+        takes (`mom_sqr=0.9`), instead of storing it unused.  Known: the blocks' hyperparameters
+        (`Chain.defaults`), `lr`, and the per-parameter flags blocks read; not checked where a
+        chain holds a plain callback (its keywords are not declared)."""
+        if any(spec is None for chain in self.chains.values() for spec, _ in chain.specs):
+            return
+        known = {"lr", *self._keep_on_clear}
+        for chain in self.chains.values():
+            known |= set(chain.defaults)
+            for cb, (spec, _) in zip(chain.cbs, chain.specs):
+                known |= set(spec.hypers) | set(spec.static) | set(spec.switches)
+                known |= _keywords_of(cb) - {"p"} - set(chain.kept) - chain.transient - \
+                    set(chain.group_state) - chain.summed
+        for name in names:
+            hp.check_known(name, known)
 
     # ---- the chains --------------------------------------------------------------------------
     @property
@@ -283,7 +306,10 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
             group[k] = v
 
     def _apply_schedules(self) -> None:
-        """Write every schedule's value for this step into param_groups (see optcraft.schedules)."""
+        """Write every schedule's value for this step into param_groups (see optcraft.schedules):
+        every value is worked out and checked first, then all are written, so a schedule that
+        fails leaves every group as it was."""
+        pending = []
         for i, (group, schedules, written) in enumerate(zip(self.param_groups, self._schedules,
                                                             self._written)):
             for k, schedule in schedules.items():
@@ -291,32 +317,55 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
                     warnings.warn(f"{k} (parameter group {i}) was changed from outside the "
                                   f"optimizer, but it follows a schedule, which owns it: the "
                                   f"schedule's value is used. Use set_hyper({k!r}, value) to drop "
-                                  f"the schedule.", stacklevel=3)
+                                  f"the schedule.", stacklevel=4)
                 value = schedule(self.schedule_step)
                 hp.validate(k, value, i)
-                group[k] = written[k] = value
+                pending.append((group, written, k, value))
+        for group, written, k, value in pending:
+            group[k] = written[k] = value
 
     @torch.no_grad()
+    @torch.compiler.disable(recursive=False)
     def step(self, closure: Callable | None = None):
-        """Run the chain on every parameter with a gradient; return the closure's loss."""
+        """Run the chain on every parameter with a gradient; return the closure's loss.
+
+        Under `torch.compile` (dynamo), the bookkeeping (schedules, checks, buckets) runs in
+        Python outside the graph and the chain's arithmetic on each bucket is traced (see
+        `optcraft.engine`)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for chain, path, groups in self._begin_step():
+            engine.step(chain, path, groups, self.state, self.master_weights)
+        self._end_step()
+        return loss
+
+    @torch.compiler.disable
+    def _begin_step(self) -> list:
+        """The host's part of a step before its arithmetic: the schedules' values written
+        (all checked before any is), the groups checked, and each chain with its path and
+        groups."""
         self._recorded_schedule_step()
         self._apply_schedules()
         self._check_before_step()
         paths = self._paths()
+        runs = []
         for name, chain in self.chains.items():
             groups = [g for g in self.param_groups if self._chain_name(g) == name]
             if groups:
-                engine.step(chain, paths[name], groups, self.state, self.master_weights)
+                runs.append((chain, paths[name], groups))
+        return runs
+
+    @torch.compiler.disable
+    def _end_step(self) -> None:
+        """The host's part of a step after its arithmetic: the step count schedules see, also
+        kept in each group's state while schedules are set (see `_recorded_schedule_step`)."""
         self.schedule_step += 1
         keep = any(self._schedules)
         for group in self.param_groups:
             if keep or "schedule_step" in group.get(engine.GROUP_STATE, ()):
                 group.setdefault(engine.GROUP_STATE, {})["schedule_step"] = self.schedule_step
-        return loss
 
     def _recorded_schedule_step(self) -> None:
         """While schedules are set, each group keeps the step count they see in its own state,
@@ -331,7 +380,7 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
     def _check_before_step(self) -> None:
         for i, group in enumerate(self.param_groups):
             self._refuse_fixed(group, f"parameter group {i}")
-            hp.validate_group(hp.HyperView(group), i)
+            hp.validate_group(hp.HyperView(group), i, read=False)  # (no device read)
             if self._chain_of(group).eval_points and \
                     not engine.group_state_of(group, self._chain_of(group)).get("train_mode", True):
                 raise RuntimeError(f"parameter group {i}: the optimizer is in eval mode "
@@ -375,6 +424,7 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
             kept["train_mode"] = training
         return self
 
+    @torch.compiler.disable  # bookkeeping over the group dicts: in Python under torch.compile
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Zero every gradient in place (fastai's behaviour), or set them to None
         (`set_to_none=True`, torch's default)."""
@@ -440,6 +490,7 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
         extra = {k: self.__dict__[k]
                  for k in ("train_bn", "frozen_idx", "impl", "master_weights", "fixed_args",
                            "recipe_name", "schedule_step", "_schedules", "_written")}
+        extra["extra_state"] = self.extra_state
         # The callbacks are pickled; each `Chain` is worked out from them again.
         chains = {name: chain.cbs for name, chain in self.chains.items()}
         return {**super().__getstate__(), **extra, "chains": chains}
@@ -456,6 +507,21 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
         if len(self.chains) == 1:
             return f"{text}\nchain: {self.chain!r}"
         return text + "".join(f"\nchain {name!r}: {chain!r}" for name, chain in self.chains.items())
+
+
+def _keywords_of(cb) -> set[str]:
+    """The named keyword arguments a block's function takes (what it reads from the group)."""
+    import inspect
+
+    from .blocks.base import unwrap_partial
+
+    fn, _ = unwrap_partial(cb)
+    fn = inspect.unwrap(fn)
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    return {q.name for q in params if q.kind in (q.POSITIONAL_OR_KEYWORD, q.KEYWORD_ONLY)}
 
 
 def _as_callbacks(cbs) -> list:
@@ -566,7 +632,25 @@ def _checked_state(opt: torch.optim.Optimizer, state_dict: dict):
         if not isinstance(values, dict):
             raise ValueError(f"state of parameter {key!r} must be a dict, got {type(values).__name__}")
         rules = chain_of[id(p)]
+        if rules is not None and all(spec is not None for spec, _ in rules.specs):
+            # Every entry is one the chain's blocks keep (or a flag, a master copy, a wrapper's):
+            # another optimizer's state (Adam's loaded into SGD) is refused.
+            from .precision import MASTER
+            known = {*rules.kept, *rules.transient, MASTER, *Optimizer._keep_on_clear,
+                     *getattr(opt, "extra_state", ())}
+            foreign = sorted(str(k) for k in values if k not in known)
+            if foreign:
+                raise ValueError(f"state of parameter {key!r} has {', '.join(foreign)}, which "
+                                 f"this optimizer's chain ({rules!r}) does not keep: a state "
+                                 f"dict of another optimizer?")
         if rules is not None:
+            for name, rule in rules.kept.items():
+                value = values.get(name)
+                if rule.kind == "number" and name in values and not (
+                        (isinstance(value, numbers.Real) and not isinstance(value, bool)) or
+                        (isinstance(value, torch.Tensor) and value.numel() == 1)):
+                    raise ValueError(f"state {name!r} of parameter {key!r} must be a number, got "
+                                     f"{type(value).__name__} {value!r}")
             required = rules.required_state(p)
             present = required & set(values)
             if present and present != required:
@@ -597,6 +681,12 @@ def _checked_state(opt: torch.optim.Optimizer, state_dict: dict):
     for i, (g, s) in enumerate(zip(groups, saved_groups)):
         values = hp.canonical_names({k: v for k, v in s.items() if k != "params"},
                                     f"parameter group {i}: ")
+        missing = sorted(k for k in dict.keys(g) if k not in engine.HIDDEN_GROUP_KEYS
+                         and k not in values)
+        if missing:
+            raise ValueError(f"parameter group {i}: the state dict's group has no "
+                             f"{', '.join(map(repr, missing))}, which this optimizer's has: a "
+                             f"state dict of another optimizer?")
         hp.validate_group(values, i)
         new = hp.ParamGroup(copy.deepcopy(values))
         new["params"] = g["params"]

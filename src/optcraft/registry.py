@@ -90,7 +90,7 @@ class Entry:
         """The recipe's keyword defaults (what it computes with when given only `lr`)."""
         out = {}
         for name, param in self.parameters.items():
-            if param.default is inspect.Parameter.empty or name in EXECUTION_KEYWORDS:
+            if param.default is inspect.Parameter.empty or name in EXECUTION_KEYWORDS or name == "lr":
                 continue
             out[name] = param.default
         return out

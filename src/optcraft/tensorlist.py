@@ -169,6 +169,13 @@ class TensorList:
 
     def where(self, condition, other) -> "TensorList":
         """`self` where `condition` holds, else `other` (tensor by tensor, broadcasting)."""
+        if isinstance(condition, torch.SymBool):  # a test on a step count dynamo made symbolic
+            condition = bool(condition)
+        if isinstance(condition, bool):
+            if condition:
+                return self
+            return other if isinstance(other, TensorList) else \
+                self.elementwise(lambda t: torch.full_like(t, other))
         return self.elementwise(lambda t, c, o: torch.where(c, t, o), condition, other)
 
     # ---- in-place arithmetic -----------------------------------------------------------------
@@ -526,6 +533,8 @@ def where(condition, a, b):
     test under `torch.compile`) both sides are computed and selected elementwise, so no Python
     branch depends on tensor data.
     """
+    if isinstance(condition, torch.SymBool):  # a test on a step count dynamo made symbolic
+        condition = bool(condition)
     if isinstance(condition, bool):
         return a if condition else b
     if isinstance(condition, TensorList):

@@ -126,6 +126,8 @@ class Lookahead(_Delegating):
             raise ValueError(f"Lookahead: alpha must be in [0, 1], got {alpha!r}")
         self._init_torch_parts(opt)
         self.k, self.alpha, self.count = k, float(alpha), 0
+        if hasattr(opt, "extra_state"):  # the inner optimizer's checkpoints hold these too
+            opt.extra_state = (*opt.extra_state, "slow_weight", COUNT)
 
     @property
     def hypers(self):
@@ -136,7 +138,10 @@ class Lookahead(_Delegating):
         for group, v in zip(self.param_groups, values):
             group[k] = v
 
+    @torch.compiler.disable(recursive=False)
     def step(self, closure: Callable | None = None):
+        # Under torch.compile (dynamo) the bookkeeping and the synchronisation run in Python,
+        # the inner optimizer's arithmetic is traced (see `optcraft.engine`).
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -146,15 +151,20 @@ class Lookahead(_Delegating):
         if not self._copy_missing_slow_weights():
             return loss
         self.opt.step()
+        self._count_step()
+        if self.count % self.k == 0:
+            self._synchronise()
+        return loss
+
+    @torch.compiler.disable
+    def _count_step(self) -> None:
         self.count += 1
         for group in self.param_groups:
             for p in group["params"]:
                 if "slow_weight" in self.state[p]:
                     self.state[p][COUNT] = self.count
-        if self.count % self.k == 0:
-            self._synchronise()
-        return loss
 
+    @torch.compiler.disable
     @torch.no_grad()
     def _copy_missing_slow_weights(self) -> bool:
         """Start the slow weights of parameters seen with a gradient for the first time; return
@@ -177,6 +187,7 @@ class Lookahead(_Delegating):
                     self.state[p]["slow_weight"] = p.detach().to(dtype, copy=True)
         return any_grad
 
+    @torch.compiler.disable
     @torch.no_grad()
     def _synchronise(self) -> None:
         by_kind: dict[tuple, tuple[list, list, list]] = {}

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import torch
+from torch._C._dynamo.eval_frame import get_eval_frame_callback
 
 from .. import precision
 from ..blocks.base import vectorised
@@ -83,20 +84,20 @@ def group_state_of(group: dict, chain: Chain) -> dict:
 
 
 def _plain_scalars(hyper: dict) -> dict:
-    """Eager paths take Python numbers: a one-element tensor hyperparameter (a tensor lr) is read
-    once."""
+    """The hyperparameters as the blocks take them: a one-element tensor (a tensor lr, of any
+    shape, as torch takes it) stays a tensor, as a 0-d one, so that a step never reads its value
+    back from the device (no `.item()`) and a compiled step sees new values as new data."""
     out = {}
     for k, v in hyper.items():
-        if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.requires_grad:
-            v = v.item()
+        if isinstance(v, torch.Tensor) and v.numel() == 1 and v.dim() > 0:
+            v = v.reshape(())
         out[k] = v
     return out
 
 
-def step(chain: Chain, path: Path, groups: Iterable[dict], state,
-         master_weights: bool = True) -> None:
-    """One optimizer step of `chain` over `groups` on `path`."""
-    groups = list(groups)
+def _plan(chain: Chain, path: Path, groups: list, state) -> list:
+    """The host's part of a step before any arithmetic: each group's hyperparameters, values and
+    buckets."""
     path.begin_step()
     plan = []
     for group in groups:
@@ -104,27 +105,58 @@ def step(chain: Chain, path: Path, groups: Iterable[dict], state,
         values = dict(group_state_of(group, chain)) if chain.group_state or \
             GROUP_STATE in group else {}
         plan.append((group, hyper, values, path.buckets(group["params"], state)))
+    return plan
+
+
+# Under `torch.compile` of a user's function (dynamo), a step's bookkeeping (buckets, state
+# dicts, group dicts) runs in Python, outside the graph (`torch.compiler.disable`), and dynamo
+# traces only the chain's arithmetic on each bucket (`Path.run`): `step` and `run_bucket` are
+# skipped by dynamo themselves (recursive=False) so that the calls they make are traced, the
+# bookkeeping helpers are skipped with everything they call (`_DISABLED`), under dynamo only
+# (when dynamo's frame callback is set): eagerly a disabled function's wrapper costs
+# microseconds a call, and they run per bucket.
+@torch.compiler.disable(recursive=False)
+def step(chain: Chain, path: Path, groups: Iterable[dict], state,
+         master_weights: bool = True) -> None:
+    """One optimizer step of `chain` over `groups` on `path`."""
+    eager = get_eval_frame_callback() is None  # (not under dynamo)
+    plan = (_plan if eager else _DISABLED[_plan])(chain, path, list(groups), state)
     for stage in chain.stages:
         sums: dict[str, list] = {}
         for group, hyper, values, buckets in plan:
             for bucket in buckets:
                 run_bucket(path, stage, bucket, state, values, hyper, master_weights, sums)
         if stage.all_block is not None:
-            totals = {k: sum_over_ranks(v) for k, v in sums.items()}
-            for name in chain.summed:
-                totals.setdefault(name, 0.0)
-            for group, hyper, values, buckets in plan:
-                _run_all_block(chain, stage.all_block, group, hyper, values, totals, state)
+            all_blocks = _all_block_stage if eager else _DISABLED[_all_block_stage]
+            all_blocks(chain, stage, plan, sums, state)
 
 
+def _all_block_stage(chain: Chain, stage: Stage, plan: list, sums: dict, state) -> None:
+    totals = {k: sum_over_ranks(v) for k, v in sums.items()}
+    for name in chain.summed:
+        totals.setdefault(name, 0.0)
+    for group, hyper, values, buckets in plan:
+        _run_all_block(chain, stage.all_block, group, hyper, values, totals, state)
+
+
+@torch.compiler.disable(recursive=False)
 def run_bucket(path: Path, stage: Stage, bucket: Bucket, state, group_values: dict, hyper: dict,
                master_weights: bool, sums: dict) -> None:
     """A stage of the chain on one bucket, and the new state written back.  Half-precision
     parameters run on their float32 master copies (see `optcraft.precision`), complex ones as
     their real views; what the chain hands on (`transient`) is dropped, and what it sums over all
     parameters (`summed`) is added to `sums`."""
-    with_master = precision.uses_master(bucket.params[0].dtype, master_weights)
-    if with_master:
+    eager = get_eval_frame_callback() is None  # (not under dynamo)
+    inputs = _bucket_inputs if eager else _DISABLED[_bucket_inputs]
+    outputs = _bucket_outputs if eager else _DISABLED[_bucket_outputs]
+    masters, params, values = inputs(bucket, state, group_values, master_weights)
+    values = path.run(stage, bucket, params, values, hyper)
+    outputs(path, bucket, state, group_values, values, sums, masters)
+
+
+def _bucket_inputs(bucket: Bucket, state, group_values: dict, master_weights: bool):
+    masters = None
+    if precision.uses_master(bucket.params[0].dtype, master_weights):
         masters = precision.masters_of(bucket.params, state)
         params = ParamList(masters, precision.upcast(bucket.grads))
     elif bucket.params[0].is_complex():  # (a bucket holds one dtype)
@@ -134,7 +166,11 @@ def run_bucket(path: Path, stage: Stage, bucket: Bucket, state, group_values: di
         params = ParamList(bucket.params, bucket.grads)
     values = {**group_values, **bucket.gather(state)}
     values.pop(precision.MASTER, None)
-    values = path.run(stage, bucket, params, values, hyper)
+    return masters, params, values
+
+
+def _bucket_outputs(path: Path, bucket: Bucket, state, group_values: dict, values: dict,
+                    sums: dict, masters) -> None:
     values.pop(precision.MASTER, None)
     for name in group_values:
         values.pop(name, None)
@@ -144,9 +180,26 @@ def run_bucket(path: Path, stage: Stage, bucket: Bucket, state, group_values: di
         value = values.pop(name, None)
         if value is not None:
             sums.setdefault(name, []).append(value)
+    _unalias_new_state(bucket, values)
     bucket.scatter(state, values)
-    if with_master:
+    if masters is not None:
         precision.write_back(bucket.params, masters)
+
+
+def _unalias_new_state(bucket: Bucket, values: dict) -> None:
+    """State made at this step that is a gradient or a parameter itself gets its own memory:
+    a compiled chain (inductor) may return an input as an output equal to it (SGD's first
+    momentum buffer, `0 * mom + g`, is the gradient), and `zero_grad` would then zero it."""
+    new = [k for k, v in values.items()
+           if isinstance(v, TensorList) and k not in bucket.tensor_keys]
+    if not new:  # (every step but the first)
+        return
+    inputs = {t.data_ptr() for t in (*bucket.grads, *bucket.params)}
+    for key in new:
+        value = values[key]
+        if any(t.data_ptr() in inputs for t in value.tensors):
+            values[key] = TensorList([t.clone() if t.data_ptr() in inputs else t
+                                      for t in value.tensors])
 
 
 def _run_all_block(chain: Chain, cb, group: dict, hyper: dict, values: dict, totals: dict,
@@ -162,6 +215,10 @@ def _run_all_block(chain: Chain, cb, group: dict, hyper: dict, values: dict, tot
         if name in chain.group_state:
             kept[name] = value
         values[name] = value
+
+
+_DISABLED = {fn: torch.compiler.disable(fn)
+             for fn in (_plan, _all_block_stage, _bucket_inputs, _bucket_outputs)}
 
 
 def move_to_point(move, p: torch.Tensor, st: dict, values: dict, master_weights: bool) -> None:

@@ -7,7 +7,8 @@ Notation: `g` the gradient, `m = grad_avg` and `v = sqr_avg` the exponential mov
 decoupled and torch's (`p <- p * (1 - lr * wd)`, skipped where `state[p]['do_wd']` is False); the
 notebook subtracted `wd * p` unscaled by `lr`, i.e. its `weight_decay` is `lr * wd` here.  Every
 recipe takes torch's names (`betas`, `weight_decay`), `impl` (see `optcraft.engine`) and
-`master_weights` (see `optcraft.precision`).
+`master_weights` (see `optcraft.precision`).  Each can be built without `lr`, at the Adam family's
+1e-3, as torch.optim's optimizers can.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def _adam_moments() -> list:
 
 
 @torch_names
-def SAdam(params, lr, mom=0.9, sqr_mom=0.99, smooth=50.0, wd=0.0, impl="auto",
+def SAdam(params, lr=1e-3, mom=0.9, sqr_mom=0.99, smooth=50.0, wd=0.0, impl="auto",
           master_weights=True):
     """SAdam (Tong et al., 2019, arXiv:1908.00700): Adam whose denominator is a softplus,
     `p <- p - lr * m_hat / softplus(sqrt(v_hat), smooth)`, `softplus(x, b) = log(1 + exp(b x)) / b`
@@ -48,7 +49,7 @@ def SAdam(params, lr, mom=0.9, sqr_mom=0.99, smooth=50.0, wd=0.0, impl="auto",
 
 
 @torch_names
-def SRAdam(params, lr, mom=0.9, sqr_mom=0.999, smooth=50.0, wd=0.0, impl="auto",
+def SRAdam(params, lr=1e-3, mom=0.9, sqr_mom=0.999, smooth=50.0, wd=0.0, impl="auto",
            master_weights=True):
     """SRAdam (the notebook's): RAdam (Liu et al., 2020, arXiv:1908.03265) with SAdam's softplus.
     `rho_inf = 2 / (1 - sqr_mom) - 1`, `rho_t = rho_inf - 2 t sqr_mom**t / (1 - sqr_mom**t)`; if
@@ -60,7 +61,7 @@ def SRAdam(params, lr, mom=0.9, sqr_mom=0.999, smooth=50.0, wd=0.0, impl="auto",
 
 
 @torch_names
-def LAMB(params, lr, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.0, impl="auto", master_weights=True):
+def LAMB(params, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.0, impl="auto", master_weights=True):
     """LAMB as the paper (You et al., 2020, arXiv:1904.00962) and the notebook write it:
     `A = m_hat / (sqrt(v_hat) + eps) + wd * p`, `p <- p - lr * (|p| / |A|) * A` per tensor, L2
     norms, ratio unclipped (1 where either norm is 0).  It is `lamb_blocks`, as fastai's `Lamb` is,
@@ -72,7 +73,7 @@ def LAMB(params, lr, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.0, impl="auto", mast
 
 
 @torch_names
-def AdamGC(params, lr, mom=0.9, sqr_mom=0.99, eps=1e-8, wd=0.0, predicate=conv_weight,
+def AdamGC(params, lr=1e-3, mom=0.9, sqr_mom=0.99, eps=1e-8, wd=0.0, predicate=conv_weight,
            impl="auto", master_weights=True):
     """Adam with gradient centralisation (Yong et al., 2020, arXiv:2004.01461), the notebook's
     `Adam_GCC`: for the tensors `predicate` accepts (convolution weights by default)
@@ -85,7 +86,7 @@ def AdamGC(params, lr, mom=0.9, sqr_mom=0.99, eps=1e-8, wd=0.0, predicate=conv_w
 
 
 @torch_names
-def StableAdam(params, lr, mom=0.9, sqr_mom=0.99, eps=1e-8, wd=0.0,
+def StableAdam(params, lr=1e-3, mom=0.9, sqr_mom=0.99, eps=1e-8, wd=0.0,
                predicate=conv_not_cinEq256_coutLt256, impl="auto", master_weights=True):
     """StableAdam (the notebook's): Adam whose step, for each output channel `k` of the tensors
     `predicate` accepts (weights followed by a batch norm), grows with the channel's RMS, so the
@@ -99,7 +100,7 @@ def StableAdam(params, lr, mom=0.9, sqr_mom=0.99, eps=1e-8, wd=0.0,
 
 
 @torch_names
-def AdamAWD(params, lr, mom=0.9, sqr_mom=0.99, eps=1e-8, predicate=conv_not_cinEq256_coutLt256,
+def AdamAWD(params, lr=1e-3, mom=0.9, sqr_mom=0.99, eps=1e-8, predicate=conv_not_cinEq256_coutLt256,
             impl="auto", master_weights=True):
     """AdamAWD (the notebook's), Adam with adaptive weight decay: after Adam's step
     `p <- p - lr * m_hat / (sqrt(v_hat) + eps)`, each output channel `k` of the tensors
@@ -112,7 +113,7 @@ def AdamAWD(params, lr, mom=0.9, sqr_mom=0.99, eps=1e-8, predicate=conv_not_cinE
 
 
 @torch_names
-def UM(params, lr, mom=0.9, wd=0.0, norm="rms", impl="auto", master_weights=True):
+def UM(params, lr=1e-3, mom=0.9, wd=0.0, norm="rms", impl="auto", master_weights=True):
     """UM, unit momentum (the notebook's): `p <- p - lr * m / |m|` per tensor, `|.|` the RMS
     (`norm="rms"`, what the notebook ran) or the L2 norm (`norm="l2"`, its formula); no step where
     `m = 0`.  The bias correction of `m` cancels in the ratio, so no step count is kept."""
@@ -121,7 +122,7 @@ def UM(params, lr, mom=0.9, wd=0.0, norm="rms", impl="auto", master_weights=True
 
 
 @torch_names
-def PreLAMB(params, lr, mom=0.9, wd=0.0, impl="auto", master_weights=True):
+def PreLAMB(params, lr=1e-3, mom=0.9, wd=0.0, impl="auto", master_weights=True):
     """PreLAMB (the notebook's): LAMB's layer-wise scaling moved onto the gradient, without a
     second moment: `g_hat = g * |p| / |g|` per tensor (1 where either norm is 0), `m` its moving
     average, `p <- p - lr * m_hat - lr * wd * p` (the notebook's `lambda * p`, `lambda = lr * wd`)."""
@@ -130,7 +131,7 @@ def PreLAMB(params, lr, mom=0.9, wd=0.0, impl="auto", master_weights=True):
 
 
 @torch_names
-def DuvAdam(params, lr, mom=0.9, sqr_mom=0.999, wd=0.0, impl="auto", master_weights=True):
+def DuvAdam(params, lr=1e-3, mom=0.9, sqr_mom=0.999, wd=0.0, impl="auto", master_weights=True):
     """DuvAdam, debiased and unscaled variance Adam (the notebook's): the second moment averages
     the gradient's relative deviation from the momentum, `r_t = g_t / m_{t-1}` (1 where
     `m_{t-1} = 0`), `d_t = sqr_mom d_{t-1} + (1 - sqr_mom)(r_t - 1)**2`,
@@ -141,7 +142,7 @@ def DuvAdam(params, lr, mom=0.9, sqr_mom=0.999, wd=0.0, impl="auto", master_weig
 
 
 @torch_names
-def SUAdam(params, lr, mom=0.9, sqr_mom=0.99, wd=0.0, impl="auto", master_weights=True):
+def SUAdam(params, lr=1e-3, mom=0.9, sqr_mom=0.99, wd=0.0, impl="auto", master_weights=True):
     """SUAdam, scale-adaptive unit-gradient Adam (the notebook's): on the gradient's sign
     `s_t = sign(g_t)`, `r_t = s_t / m_{t-1}` (1 where `m_{t-1} = 0`), `m` the moving average of
     `s`, `d_t = sqr_mom d_{t-1} + (1 - sqr_mom)|r_t - 1|`, and a step proportional to the layer's
@@ -154,7 +155,7 @@ def SUAdam(params, lr, mom=0.9, sqr_mom=0.99, wd=0.0, impl="auto", master_weight
 
 
 @torch_names
-def BAdam(params, lr, mom=0.9, sqr_mom=0.99, smooth=50.0, wd=0.0, secant="softplus", impl="auto",
+def BAdam(params, lr=1e-3, mom=0.9, sqr_mom=0.99, smooth=50.0, wd=0.0, secant="softplus", impl="auto",
           master_weights=True):
     """BAdam, binomial Adam (the notebook's): a diagonal secant curvature replaces Adam's second
     moment.  With `s_{t-1}` the last step and `e_t = mean(|p_t|)` (1 for an all-zero tensor):
