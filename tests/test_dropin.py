@@ -30,9 +30,15 @@ def test_built_without_lr_at_torchs_default(ours, torchs):
 @pytest.mark.parametrize("name", registry.names())
 def test_every_named_optimizer_builds_without_lr(name):
     factory = registry.get(name).factory
-    opt = factory(params=_params())  # `params` by keyword, as torch's take it
-    assert opt.param_groups[0]["lr"] == (1e-2 if name == "RMSProp" else 1e-3)
+    params = _params()[:1]  # (a matrix: Muon takes matrices only)
+    opt = factory(params=params)  # `params` by keyword, as torch's take it
+    default = inspect.signature(factory).parameters["lr"].default
+    assert isinstance(default, float) and default > 0
+    assert getattr(opt, "opt", opt).param_groups[0]["lr"] == default
     assert list(inspect.signature(factory).parameters)[0] == "params"
+    torchs = getattr(torch.optim, {"RMSProp": "RMSprop"}.get(name, name), None)
+    if torchs is not None:  # torch has the algorithm: torch's default
+        assert default == torchs(_params()[:1]).defaults["lr"]
 
 
 def test_torch_spellings_are_the_same_optimizers():
