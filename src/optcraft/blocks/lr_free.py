@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ..tensorlist import TensorList, sqrt
+from ..tensorlist import TensorList, maximum, sqrt, where
 from .base import block, group, is_zero, like_param, optional, shaped, summed, transient
 
 
@@ -41,10 +41,11 @@ def schedule_free_weights(p, lr, warmup_steps, r, weight_lr_power, k=0, weight_s
     `k <- k + 1`."""
     sched = (k + 1) / warmup_steps if k < warmup_steps else 1.0
     sf_lr = lr * sched
-    lr_max = max(sf_lr, lr_max)
+    # numbers, or 0-d tensors (a tensor lr): chosen without reading a tensor's value
+    lr_max = maximum(sf_lr, lr_max)
     weight = (k + 1) ** r * lr_max ** weight_lr_power
     weight_sum = weight_sum + weight
-    ckp1 = weight / weight_sum if weight_sum != 0 else 0.0
+    ckp1 = where(weight_sum != 0, weight / where(weight_sum != 0, weight_sum, 1.0), 0.0)
     return dict(k=k + 1, weight_sum=weight_sum, lr_max=lr_max, sf_lr=sf_lr, sf_sched=sched,
                 ckp1=ckp1)
 

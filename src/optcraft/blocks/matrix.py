@@ -105,7 +105,9 @@ def muon_step(p, lr, mom, grad_avg, nesterov, ns_coefficients, ns_steps, eps, ad
     for t, o, (rows, cols) in zip(p.tensors, ortho, shapes):
         ps, os = by_ratio.setdefault(muon_lr_ratio(rows, cols, adjust_lr_fn), ([], []))
         ps.append(t)
-        os.append(o.view(t.shape))
+        # in the parameter's dtype before it is scaled: torch's `add_(update, alpha=-lr)` adds
+        # the bfloat16 update in float32, and so does a tensor lr's multiplication then
+        os.append(o.view(t.shape).to(t.dtype))
     for ratio, (ps, os) in by_ratio.items():
         TensorList(ps).add_(TensorList(os), alpha=-(lr * ratio))
 
