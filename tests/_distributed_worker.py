@@ -29,6 +29,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import optcraft as oc
+from optcraft import distributed as oc_distributed
 
 WORLD = 2
 #: Steps before the checkpoint and after it; a whole run is the two together.
@@ -67,6 +68,39 @@ def adagrad_norm(params, lr):
     return oc.Optimizer(params, [grad_sqr_sum, accumulate_sqr_norm, norm_scaled_step], lr=lr)
 
 
+def _is_matrix(p) -> bool:
+    return p.ndim >= 2
+
+
+def _is_wide_matrix(p) -> bool:
+    return p.ndim >= 2 and p.shape[0] > 1
+
+
+def muon_and_adam(params, muon_lr, adam_lr):
+    """`muon_with_adamw`'s routing on groups already split (`SPLIT`): Muon for the matrices, Adam
+    for the rest.  Given the groups [matrices, rest], the routed optimizer's groups are the same
+    two, in the same order, which ZeroRedundancyOptimizer needs (it pairs its groups with its
+    local optimizer's by position).  The rates are not called `lr`: ZeroRedundancyOptimizer
+    writes its keyword arguments into every group it hands the local optimizer, and a group's
+    `lr` would win over the part's."""
+    return oc.route(params, oc.part(oc.Muon, where=_is_matrix, name="muon", lr=muon_lr),
+                    oc.part(oc.Adam, name="adamw", lr=adam_lr))
+
+
+def soap_and_adam(params, soap_lr, adam_lr):
+    """SOAP for the matrices of more than one row, with `max_precond_dim=6`, Adam for the rest.
+
+    SOAP's first eigenbasis is `eigh` of the first gradient's Kronecker factors; a factor with a
+    repeated eigenvalue (`G^T G` of a 1 x 5 or a 5 x 7 gradient has a null space of dimension 4
+    or 2) has eigenvectors that are arbitrary within it, and the gradient summed in another order
+    (two ranks) changes them, and Adam in that basis, by O(1): every implementation does that.
+    These rules leave SOAP the factors that are not degenerate: 6 x 6 for the 7 x 6 weight, 5 x 5
+    for the 5 x 7 one."""
+    return oc.route(params, oc.part(oc.SOAP, where=_is_wide_matrix, name="soap", lr=soap_lr,
+                                    precondition_frequency=3, max_precond_dim=6),
+                    oc.part(oc.Adam, name="adamw", lr=adam_lr))
+
+
 OPTIMIZERS = {
     "SGD": (oc.SGD, dict(lr=0.05, mom=0.9, wd=0.01)),
     "RMSProp": (oc.RMSProp, dict(lr=0.01, mom=0.9, wd=0.01)),
@@ -80,11 +114,35 @@ OPTIMIZERS = {
     "Adam-scheduled": (oc.Adam, dict(lr=oc.schedules.cosine(0.02, 0.002, STEPS), wd=0.01)),
     # a sum over every parameter (exact under FSDP2) kept as group state
     "AdaGradNorm": (adagrad_norm, dict(lr=0.05)),
+    # the modern optimizers (issue 21)
+    "Lion": (oc.Lion, dict(lr=1e-3, wd=0.1)),
+    "ADOPT": (oc.ADOPT, dict(lr=0.01, wd=0.01)),
+    "Adan": (oc.Adan, dict(lr=0.01, wd=0.01)),
+    "MARS": (oc.MARS, dict(lr=0.01, wd=0.01)),
+    "Adagrad": (oc.Adagrad, dict(lr=0.05, wd=0.01)),
+    # whole-matrix blocks: Muon on the matrices and Adam on the rest (two groups), Adafactor
+    # (factored statistics of the matrices, full ones of the biases), SOAP on two matrices (an
+    # eigenbasis refreshed every 3 steps: at steps 4 and 7, on both sides of the checkpoint)
+    "Muon+Adam": (muon_and_adam, dict(muon_lr=0.02, adam_lr=0.01)),
+    "Adafactor": (oc.Adafactor, dict(lr=0.01)),
+    "SOAP+Adam": (soap_and_adam, dict(soap_lr=0.01, adam_lr=0.01)),
+    # learning-rate-free: group state (schedule-free's weight sum, Prodigy's d) and, for Prodigy,
+    # sums over every parameter
+    "AdamWScheduleFree": (oc.AdamWScheduleFree, dict(lr=0.01, wd=0.01)),
+    "Prodigy": (oc.Prodigy, dict(lr=1.0, d0=1e-3, wd=0.01)),
 }
+#: For debugging: OPTCRAFT_DISTRIBUTED_ONLY="SGD,Muon+Adam" runs only these (the spawned
+#: processes inherit the variable).
+if os.environ.get("OPTCRAFT_DISTRIBUTED_ONLY"):
+    OPTIMIZERS = {k: v for k, v in OPTIMIZERS.items()
+                  if k in os.environ["OPTCRAFT_DISTRIBUTED_ONLY"].split(",")}
+#: Optimizers given two parameter groups, those their first part takes then the rest (see
+#: `param_groups`).
+SPLIT = {"Muon+Adam": _is_matrix, "SOAP+Adam": _is_wide_matrix}
 #: Optimizers a scenario does not run: under ZeroRedundancyOptimizer each rank's optimizer holds
 #: a partition of the parameters, so a sum over every parameter would need a collective that
 #: the optimizer cannot know to make (docs/integration.md).
-NOT_UNDER = {"zero": {"AdaGradNorm"}}
+NOT_UNDER = {"zero": {"AdaGradNorm", "Prodigy"}}
 
 
 def make_model(seed: int = 0) -> nn.Sequential:
@@ -103,9 +161,30 @@ def make_data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def param_groups(name: str, params) -> list:
+    """What optimizer `name` is given: the parameters, or for `SPLIT` two groups (the matrices,
+    then the rest)."""
+    params = list(params)
+    if name not in SPLIT:
+        return params
+    first = SPLIT[name]
+    return [{"params": [p for p in params if first(p)]},
+            {"params": [p for p in params if not first(p)]}]
+
+
+def param_names(name: str) -> list[list[str]]:
+    """The model's parameter names, group by group, in the order optimizer `name` holds them."""
+    named = list(make_model().named_parameters())
+    ids = {id(p): n for n, p in named}
+    groups = param_groups(name, [p for _, p in named])
+    if not isinstance(groups[0], dict):
+        return [[n for n, _ in named]]
+    return [[ids[id(p)] for p in g["params"]] for g in groups]
+
+
 def make_optimizer(name: str, params):
     cls, kwargs = OPTIMIZERS[name]
-    return cls(params, **kwargs)
+    return cls(param_groups(name, params), **kwargs)
 
 
 def _train(model, opt, steps: range, rows: slice = slice(None)):
@@ -162,7 +241,8 @@ def _zero(rank: int, out_dir: Path) -> dict:
             continue
         cls, kwargs = OPTIMIZERS[name]
         model = DDP(make_model())
-        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=cls, **kwargs)
+        opt = ZeroRedundancyOptimizer(param_groups(name, model.parameters()),
+                                      optimizer_class=cls, **kwargs)
         _train(model, opt, range(STEPS_BEFORE), _rows(rank))
         opt.consolidate_state_dict(to=0)
         checkpoint = out_dir / f"zero-{name}.pt"
@@ -179,8 +259,8 @@ def _zero(rank: int, out_dir: Path) -> dict:
         resumed_model = make_model(seed=1)
         resumed_model.load_state_dict(saved["model"])
         resumed_model = DDP(resumed_model)
-        resumed = ZeroRedundancyOptimizer(resumed_model.parameters(), optimizer_class=cls,
-                                          **kwargs)
+        resumed = ZeroRedundancyOptimizer(param_groups(name, resumed_model.parameters()),
+                                          optimizer_class=cls, **kwargs)
         resumed.load_state_dict(saved["optimizer"])
         _train(resumed_model, resumed, range(STEPS_BEFORE, STEPS), _rows(rank))
         result[name] = {"uninterrupted": uninterrupted,
@@ -231,10 +311,25 @@ def _fsdp(rank: int, out_dir: Path) -> dict:
                              "norm_1": _full(params.norm(1)),
                              "norm_inf": _full(params.norm(float("inf"))),
                              "mixed_norm": _full(mixed.norm())}}
+    # Whole-matrix blocks run each matrix on one owner rank: count what each rank orthogonalises.
+    import optcraft.blocks.matrix as matrix_blocks
+
+    orthogonalised = []
+    newton_schulz = matrix_blocks.newton_schulz
+
+    def counting_newton_schulz(matrices, *args, **kwargs):
+        orthogonalised.append([tuple(m.shape) for m in matrices])
+        return newton_schulz(matrices, *args, **kwargs)
+    matrix_blocks.newton_schulz = counting_newton_schulz
     for name in OPTIMIZERS:
+        if name in NOT_UNDER.get("fsdp", ()):
+            continue
         model = _sharded_model()
         opt = make_optimizer(name, model.parameters())
+        orthogonalised.clear()
+        oc_distributed.reset_counters()
         _train(model, opt, range(STEPS_BEFORE), _rows(rank))
+        work = {"newton_schulz": list(orthogonalised), **oc_distributed.counters}
 
         checkpoint = out_dir / f"fsdp-{name}"
         dcp.save({"model": get_model_state_dict(model),
@@ -255,7 +350,7 @@ def _fsdp(rank: int, out_dir: Path) -> dict:
         _train(resumed_model, resumed, range(STEPS_BEFORE, STEPS), _rows(rank))
         result[name] = {"uninterrupted": uninterrupted,
                         "resumed": _full(resumed_model.parameters()),
-                        "state": whole if rank == 0 else None}
+                        "state": whole if rank == 0 else None, "work": work}
     return result
 
 

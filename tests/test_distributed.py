@@ -25,6 +25,12 @@ pytestmark = [
 NAMES = list(worker.OPTIMIZERS)
 #: float64, a few steps: the distributed runs differ from the single process by rounding only.
 CLOSE = dict(rtol=1e-12, atol=1e-14)
+#: SOAP's eigenbases (eigh, then QR) amplify the rounding of the gradient's sum.
+TOLERANCE = {"SOAP+Adam": dict(rtol=1e-9, atol=1e-12)}
+
+
+def close(name: str) -> dict:
+    return TOLERANCE.get(name, CLOSE)
 
 
 def _fsdp2_available() -> bool:
@@ -74,7 +80,7 @@ def _assert_params_equal(actual, expected):
     _assert_params_close(actual, expected, rtol=0, atol=0)
 
 
-def _assert_state_matches(saved_state: dict, expected_state: dict, keys: list):
+def _assert_state_matches(saved_state: dict, expected_state: dict, keys: list, **tolerance):
     """`saved_state[keys[i]]` is the single-process `expected_state[i]`: the same entries, the
     same values."""
     assert len(saved_state) == len(expected_state)
@@ -83,7 +89,7 @@ def _assert_state_matches(saved_state: dict, expected_state: dict, keys: list):
         assert set(got) == set(want), f"{key}: {sorted(got)} != {sorted(want)}"
         for entry, value in want.items():
             if isinstance(value, torch.Tensor):
-                torch.testing.assert_close(got[entry], value, **CLOSE,
+                torch.testing.assert_close(got[entry], value, **(tolerance or CLOSE),
                                            msg=lambda m: f"{key}[{entry!r}]: {m}")
             else:
                 assert got[entry] == value, f"{key}[{entry!r}]"
@@ -98,7 +104,7 @@ def test_ddp_ranks_hold_identical_parameters(ddp, name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_ddp_equals_single_process(ddp, single, name):
-    _assert_params_close(ddp[0][name], single[name]["params"], **CLOSE)
+    _assert_params_close(ddp[0][name], single[name]["params"], **close(name))
 
 
 # ---- ZeroRedundancyOptimizer and FSDP2: the whole run, and the run resumed from a checkpoint ------
@@ -116,7 +122,7 @@ def test_sharded_equals_single_process(request, single, scenario, name):
     results = request.getfixturevalue(scenario)
     for rank in range(worker.WORLD):
         _assert_params_close(results[rank][name]["uninterrupted"], single[name]["params"],
-                             **CLOSE)
+                             **close(name))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -140,7 +146,7 @@ def test_zero_consolidated_checkpoint_is_the_single_process_state(zero, single, 
         pytest.skip(f"{name} does not run under ZeRO (see worker.NOT_UNDER)")
     saved = zero[0][name]["checkpoint"]["state"]
     expected = single[name]["checkpoint"]["state"]
-    _assert_state_matches(saved, expected, keys=list(range(len(expected))))
+    _assert_state_matches(saved, expected, keys=list(range(len(expected))), **close(name))
 
 
 # ---- FSDP2 ------------------------------------------------------------------------------------------
@@ -187,10 +193,25 @@ def test_fsdp_per_tensor_norms_are_those_of_the_whole_tensor(fsdp):
 def test_fsdp_full_optimizer_state_dict_is_the_single_process_state(fsdp, single, name):
     """get_optimizer_state_dict(full_state_dict=True) at the checkpoint: keyed by the parameters'
     names, the values are the single-process optimizer's state."""
+    if name in worker.NOT_UNDER.get("fsdp", ()):
+        pytest.skip(f"{name} does not run under FSDP2 (see worker.NOT_UNDER)")
     saved = fsdp[0][name]["state"]
     expected = single[name]["checkpoint"]
-    names = [n for n, _ in worker.make_model().named_parameters()]
-    _assert_state_matches(saved["state"], expected["state"], keys=names)
-    assert [g["params"] for g in saved["param_groups"]] == [names]
-    hypers = {k: v for k, v in expected["param_groups"][0].items() if k != "params"}
-    assert {k: saved["param_groups"][0][k] for k in hypers} == hypers
+    groups = worker.param_names(name)
+    _assert_state_matches(saved["state"], expected["state"], keys=sum(groups, []), **close(name))
+    assert [g["params"] for g in saved["param_groups"]] == groups
+    for saved_group, expected_group in zip(saved["param_groups"], expected["param_groups"]):
+        hypers = {k: v for k, v in expected_group.items() if k != "params"}
+        assert {k: saved_group[k] for k in hypers} == hypers
+
+
+def test_fsdp_matrix_work_is_divided_among_ranks(fsdp):
+    """Muon under FSDP2: at every step each matrix is orthogonalised once, whole, by one rank
+    (its owner), not by every rank; the owners balance the work (`matrix_cost`): the 7 x 6 weight
+    on rank 0, the 5 x 7 and 1 x 5 ones on rank 1."""
+    steps = worker.STEPS_BEFORE
+    work = [fsdp[rank]["Muon+Adam"]["work"] for rank in range(worker.WORLD)]
+    # one Newton-Schulz call per step on each rank, on the whole matrices it owns
+    assert work[0]["newton_schulz"] == [[(7, 6)]] * steps
+    assert work[1]["newton_schulz"] == [[(5, 7), (1, 5)]] * steps
+    assert [w["matrices"] for w in work] == [1 * steps, 2 * steps]

@@ -25,7 +25,7 @@ import torch
 
 from .. import precision
 from ..blocks.base import vectorised
-from ..distributed import sum_over_ranks
+from ..distributed import begin_step as begin_distributed_step, sum_over_ranks
 from ..tensorlist import ParamList, TensorList
 from .buckets import Bucket, as_real, make_buckets
 from .chain import Chain, Stage
@@ -98,6 +98,7 @@ def step(chain: Chain, path: Path, groups: Iterable[dict], state,
     """One optimizer step of `chain` over `groups` on `path`."""
     groups = list(groups)
     path.begin_step()
+    begin_distributed_step()  # owners of whole-matrix blocks are balanced over the step
     plan = []
     for group in groups:
         hyper = _plain_scalars(hypers_of(group))
