@@ -18,6 +18,7 @@ The scenarios:
 """
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 import sys
@@ -337,6 +338,9 @@ def _fsdp(rank: int, out_dir: Path) -> dict:
         # The whole optimizer state (every tensor gathered), to compare with the single process.
         whole = get_optimizer_state_dict(model, opt, options=StateDictOptions(
             full_state_dict=True, cpu_offload=True))
+        # (copied: a replicated, plain tensor of the state, such as Adafactor's row statistics
+        # under FSDP2, is in that dict as it is, and the steps below change it in place)
+        whole = copy.deepcopy(whole)
         _train(model, opt, range(STEPS_BEFORE, STEPS), _rows(rank))
         uninterrupted = _full(model.parameters())
 
