@@ -42,8 +42,7 @@ def _run(rank, world, port, layers, steps):
     times = []
     for step in range(steps + 1):
         for p in model.parameters():
-            p.grad = torch.distributed.tensor.randn(p.shape, device_mesh=p.device_mesh,
-                                                    placements=p.placements)
+            p.grad = torch.randn_like(p)
         ocd.reset_counters()
         dist.barrier()
         start = time.perf_counter()

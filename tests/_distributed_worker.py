@@ -207,6 +207,46 @@ def train_single(name: str, steps: int = STEPS):
     return [p.detach().clone() for p in model.parameters()], opt.state_dict()
 
 
+#: The whole-model transforms under FSDP2: the step at which one gradient element is made
+#: infinite (in `TRANSFORMED_AT`, a row rank 1 holds), and the global-norm clipping threshold
+#: (below the gradients' norm: every step is clipped).
+NONFINITE_STEP, TRANSFORMED_AT, MAX_NORM = 2, ("2.weight", (4, 1)), 0.05
+
+
+def make_transformed(params):
+    """Prodigy (sums over every parameter) behind `skip_nonfinite` and `clip_by_global_norm`."""
+    return oc.Transformed(oc.Prodigy(params, lr=1.0, d0=1e-3),
+                          oc.skip_nonfinite(), oc.clip_by_global_norm(MAX_NORM))
+
+
+def train_transformed(model, opt, rows: slice = slice(None), rank: int | None = None) -> None:
+    """`STEPS` steps; at `NONFINITE_STEP` one element of the gradient is made infinite (under
+    FSDP2, `rank` is given: the rank whose shard holds that element sets it)."""
+    name, (row, col) = TRANSFORMED_AT
+    for step in range(STEPS):
+        x, y = make_data(step)
+        opt.zero_grad(set_to_none=True)
+        nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
+        if step == NONFINITE_STEP:
+            grad = dict(model.named_parameters())[name].grad
+            if rank is None:
+                grad[row, col] = float("inf")
+            else:
+                local = grad.to_local()
+                chunk = -(-grad.shape[0] // WORLD)
+                if rank * chunk <= row < rank * chunk + local.shape[0]:
+                    local[row - rank * chunk, col] = float("inf")
+        opt.step()
+
+
+def single_transformed() -> dict:
+    model = make_model()
+    opt = make_transformed(model.parameters())
+    train_transformed(model, opt)
+    return {"params": [p.detach().clone() for p in model.parameters()],
+            "skips": opt.transforms[0].skips}
+
+
 # ---- in the spawned processes -------------------------------------------------------------------
 
 def _rows(rank: int) -> slice:
@@ -312,6 +352,14 @@ def _fsdp(rank: int, out_dir: Path) -> dict:
                              "norm_1": _full(params.norm(1)),
                              "norm_inf": _full(params.norm(float("inf"))),
                              "mixed_norm": _full(mixed.norm())}}
+    # skip_nonfinite and clip_by_global_norm see every gradient: on shards, the decision to skip
+    # and the norm must be those of the whole model (and the same on every rank).
+    model = _sharded_model()
+    opt = make_transformed(model.parameters())
+    train_transformed(model, opt, _rows(rank), rank)
+    result["transformed"] = {"params": _full(model.parameters()),
+                             "skips": opt.transforms[0].skips}
+
     # Whole-matrix blocks run each matrix on one owner rank: count what each rank orthogonalises.
     import optcraft.blocks.matrix as matrix_blocks
 

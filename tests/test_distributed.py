@@ -245,3 +245,16 @@ def test_fsdp_matrix_communication_is_the_shards_of_what_the_block_reads_and_wri
     work = [fsdp[rank]["Muon+Adam"]["work"] for rank in range(worker.WORLD)]
     assert [w["sent"] for w in work] == [96 * steps, 80 * steps]
     assert [w["received"] for w in work] == [80 * steps, 96 * steps]
+
+
+def test_fsdp_skip_nonfinite_and_global_norm_clipping_see_the_whole_model(fsdp):
+    """`Transformed(Prodigy, skip_nonfinite(), clip_by_global_norm(0.05))` under FSDP2, with an
+    infinite gradient element in a row only rank 1 holds at one step: every rank skips that step
+    (as the single process does), the other steps are clipped by the norm of all the gradients
+    together, and Prodigy's sums cover every parameter: the single-process run's parameters."""
+    expected = worker.single_transformed()
+    assert expected["skips"] == 1
+    for rank in range(worker.WORLD):
+        got = fsdp[rank]["transformed"]
+        assert got["skips"] == 1
+        _assert_params_close(got["params"], expected["params"], **CLOSE)
