@@ -63,10 +63,21 @@ def zero(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fsdp(tmp_path_factory):
+def fsdp_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fsdp")
+
+
+@pytest.fixture(scope="module")
+def fsdp(fsdp_dir):
     if not _fsdp2_available():
         pytest.skip("this torch has no torch.distributed.fsdp.fully_shard (FSDP2, torch >= 2.6)")
-    return worker.spawn("fsdp", tmp_path_factory.mktemp("fsdp"))
+    return worker.spawn("fsdp", fsdp_dir)
+
+
+@pytest.fixture(scope="module", params=[1, 4], ids=["on1", "on4"])
+def resharded(request, fsdp, fsdp_dir):
+    """The ``fsdp`` scenario's checkpoints (saved on 2 ranks) resumed on 1 and on 4 ranks."""
+    return request.param, worker.spawn("resharded", fsdp_dir, world=request.param)
 
 
 def _assert_params_close(actual, expected, **tolerance):
@@ -248,13 +259,26 @@ def test_fsdp_matrix_communication_is_the_shards_of_what_the_block_reads_and_wri
 
 
 def test_fsdp_skip_nonfinite_and_global_norm_clipping_see_the_whole_model(fsdp):
-    """`Transformed(Prodigy, skip_nonfinite(), clip_by_global_norm(0.05))` under FSDP2, with an
-    infinite gradient element in a row only rank 1 holds at one step: every rank skips that step
-    (as the single process does), the other steps are clipped by the norm of all the gradients
-    together, and Prodigy's sums cover every parameter: the single-process run's parameters."""
+    """`Transformed(AdaGrad-Norm, skip_nonfinite(), clip_by_global_norm(0.05))` under FSDP2, with
+    an infinite gradient element in a row only rank 1 holds at one step: every rank skips that
+    step (as the single process does), the other steps are clipped by the norm of all the
+    gradients together, and the chain's sum covers every parameter: the single-process run's
+    parameters."""
     expected = worker.single_transformed()
     assert expected["skips"] == 1
     for rank in range(worker.WORLD):
         got = fsdp[rank]["transformed"]
         assert got["skips"] == 1
         _assert_params_close(got["params"], expected["params"], **CLOSE)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fsdp_checkpoint_resumed_on_another_number_of_ranks(resharded, single, name):
+    """A torch.distributed.checkpoint saved on 2 ranks, loaded on 1 and on 4 (resharded: the
+    parameters' and the state's shards, the replicated state of the whole-matrix blocks, the
+    group state), continues as the single-process run: every rank ends with its parameters."""
+    world, results = resharded
+    if name in worker.NOT_UNDER.get("fsdp", ()) or name not in results[0]:
+        pytest.skip(f"{name} is not resumed on {world} ranks (worker.RESHARDED_ON_4)")
+    for rank in range(world):
+        _assert_params_close(results[rank][name], single[name]["params"], **close(name))

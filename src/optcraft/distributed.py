@@ -62,6 +62,12 @@ def sharded_norms(tensors: list, ord) -> list | None:
     for dim, placement in enumerate(placements):
         if placement.is_shard():
             local = collectives.all_reduce(local, reduce_op, (mesh, dim))
+    if isinstance(local, collectives.AsyncCollectiveTensor):
+        # Waited for here: the max and min norms go on through views only (`unbind`), which do
+        # not wait, and a result never waited for leaves its work in torch's registry, where a
+        # later tensor at the same address can be taken for it (seen: Prodigy's sums after a
+        # `skip_nonfinite` step came out wrong).
+        local = local.wait()
     if power == 2:
         local = local.sqrt()
     elif power is not None:
@@ -70,18 +76,26 @@ def sharded_norms(tensors: list, ord) -> list | None:
     return [DTensor.from_local(n, mesh, replicated, run_check=False) for n in local.unbind(0)]
 
 
+def _waited(t):
+    """`t`, its pending collective waited for (a functional collective's result is waited for
+    only by an operation that is not a view)."""
+    from torch.distributed import _functional_collectives as collectives
+
+    return t.wait() if isinstance(t, collectives.AsyncCollectiveTensor) else t
+
+
 def sum_over_ranks(values: list):
     """The sum of per-bucket contributions (numbers, 0-d tensors, or lists of 0-d tensors, one per
     tensor) to a value summed over every parameter, as one number or 0-d tensor.  A contribution
     computed from FSDP2's sharded tensors is a DTensor whose value is pending across ranks: its
-    `full_tensor()` is the sum over the whole tensors (one all-reduce)."""
+    `full_tensor()` is the sum over the whole tensors (one all-reduce), waited for here."""
     total = 0.0
     for value in values:
         items = value.tensors if hasattr(value, "tensors") else \
             value if isinstance(value, (list, tuple)) else [value]
         for item in items:
             if distribution_of(item) is not None:
-                item = item.full_tensor()
+                item = _waited(item.full_tensor())
             if isinstance(item, torch.Tensor) and isinstance(total, torch.Tensor) and \
                     item.device != total.device:
                 item = item.to(total.device)
