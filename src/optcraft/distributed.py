@@ -7,6 +7,7 @@ computed from the shards each rank holds.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -61,6 +62,12 @@ def sharded_norms(tensors: list, ord) -> list | None:
     for dim, placement in enumerate(placements):
         if placement.is_shard():
             local = collectives.all_reduce(local, reduce_op, (mesh, dim))
+    if isinstance(local, collectives.AsyncCollectiveTensor):
+        # Waited for here: the max and min norms go on through views only (`unbind`), which do
+        # not wait, and a result never waited for leaves its work in torch's registry, where a
+        # later tensor at the same address can be taken for it (seen: Prodigy's sums after a
+        # `skip_nonfinite` step came out wrong).
+        local = local.wait()
     if power == 2:
         local = local.sqrt()
     elif power is not None:
@@ -69,20 +76,307 @@ def sharded_norms(tensors: list, ord) -> list | None:
     return [DTensor.from_local(n, mesh, replicated, run_check=False) for n in local.unbind(0)]
 
 
+def _waited(t):
+    """`t`, its pending collective waited for (a functional collective's result is waited for
+    only by an operation that is not a view)."""
+    from torch.distributed import _functional_collectives as collectives
+
+    return t.wait() if isinstance(t, collectives.AsyncCollectiveTensor) else t
+
+
 def sum_over_ranks(values: list):
     """The sum of per-bucket contributions (numbers, 0-d tensors, or lists of 0-d tensors, one per
     tensor) to a value summed over every parameter, as one number or 0-d tensor.  A contribution
     computed from FSDP2's sharded tensors is a DTensor whose value is pending across ranks: its
-    `full_tensor()` is the sum over the whole tensors (one all-reduce)."""
+    `full_tensor()` is the sum over the whole tensors (one all-reduce), waited for here."""
     total = 0.0
     for value in values:
         items = value.tensors if hasattr(value, "tensors") else \
             value if isinstance(value, (list, tuple)) else [value]
         for item in items:
             if distribution_of(item) is not None:
-                item = item.full_tensor()
+                item = _waited(item.full_tensor())
             if isinstance(item, torch.Tensor) and isinstance(total, torch.Tensor) and \
                     item.device != total.device:
                 item = item.to(total.device)
             total = total + item
     return total
+
+
+# ---- whole-matrix blocks on FSDP2's shards: one owner rank per matrix --------------------------
+
+#: The work assigned to each rank during the current optimizer step, by process group: owners
+#: are balanced over every matrix block call of a step (the reference path calls a block once per
+#: parameter).  Reset by `begin_step`.
+_loads: dict = {}
+#: What `run_on_owners` did on this rank since the last `reset_counters`: matrices processed
+#: here, and elements sent and received (tests and docs/integration.md read it).
+counters = {"matrices": 0, "sent": 0, "received": 0}
+
+
+def begin_step() -> None:
+    """Called by the engine once per optimizer step."""
+    _loads.clear()
+
+
+def reset_counters() -> None:
+    for k in counters:
+        counters[k] = 0
+
+
+def is_row_sharded(t) -> bool:
+    """Whether `t` is a DTensor on a 1-D mesh sharded along its first dimension (FSDP2's
+    layout), the layout `run_on_owners` takes."""
+    layout = distribution_of(t)
+    if layout is None:
+        return False
+    mesh, placements = layout
+    return mesh.ndim == 1 and len(placements) == 1 and placements[0].is_shard() and \
+        placements[0].dim == 0
+
+
+def matrix_cost(shape) -> int:
+    """The work of a whole-matrix block on a tensor of `shape`, for balancing owners: Newton-
+    Schulz's `min(r, c)^2 max(r, c)` for a matrix (`r` its first dimension, `c` the product of
+    the others), the element count for a vector."""
+    shape = tuple(shape)
+    if len(shape) < 2:
+        return max(1, math.prod(shape))
+    rows, cols = shape[0], math.prod(shape[1:])
+    return max(1, min(rows, cols) ** 2 * max(rows, cols))
+
+
+def assign_owners(shapes: list, world: int, loads: list | None = None) -> list[int]:
+    """Owners of the matrices of `shapes` among `world` ranks: in decreasing order of
+    `matrix_cost` (ties: the earlier one first), each goes to the rank with the least work so far
+    (`loads`, updated in place; ties: the lower rank).  The same on every rank."""
+    loads = [0] * world if loads is None else loads
+    owners = [0] * len(shapes)
+    costs = [matrix_cost(s) for s in shapes]
+    for i in sorted(range(len(shapes)), key=lambda i: (-costs[i], i)):
+        rank = min(range(world), key=lambda r: (loads[r], r))
+        owners[i] = rank
+        loads[rank] += costs[i]
+    return owners
+
+
+def _rows_of(n: int, world: int) -> tuple[int, list[int]]:
+    """FSDP2's split of `n` rows among `world` ranks (torch.chunk's): the padded chunk size and
+    each rank's rows."""
+    chunk = -(-n // world) if n else 0
+    return chunk, [max(0, min(chunk, n - r * chunk)) for r in range(world)]
+
+
+class _Comm:
+    """Gathers to and scatters from one rank of a 1-D mesh's process group."""
+
+    def __init__(self, mesh):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.group = mesh.get_group(0)
+        self.world = dist.get_world_size(self.group)
+        self.me = dist.get_rank(self.group)
+
+    def global_rank(self, r: int) -> int:
+        return self.dist.get_global_rank(self.group, r)
+
+    def gather(self, local: torch.Tensor, shape: tuple, owner: int) -> torch.Tensor | None:
+        """The whole tensor (`shape`) on `owner` from every rank's rows; None elsewhere."""
+        chunk, rows = _rows_of(shape[0], self.world)
+        if tuple(local.shape[1:]) != tuple(shape[1:]) or local.shape[0] != rows[self.me]:
+            raise RuntimeError(f"a shard of shape {tuple(local.shape)} is not FSDP2's split of "
+                               f"{tuple(shape)} over {self.world} ranks")
+        padded = local.new_zeros((chunk, *shape[1:]))
+        padded[:rows[self.me]] = local
+        received = [torch.empty_like(padded) for _ in range(self.world)] \
+            if self.me == owner else None
+        self.dist.gather(padded, received, dst=self.global_rank(owner), group=self.group)
+        if self.me != owner:
+            counters["sent"] += local.numel()
+            return None
+        counters["received"] += sum(r * math.prod(shape[1:]) for i, r in enumerate(rows)
+                                    if i != owner)
+        return torch.cat([b[:r] for b, r in zip(received, rows)])
+
+    def scatter(self, whole: torch.Tensor | None, shape: tuple, dtype, device,
+                owner: int) -> torch.Tensor:
+        """This rank's rows of `whole` (a tensor of `shape` on `owner`)."""
+        chunk, rows = _rows_of(shape[0], self.world)
+        received = torch.empty((chunk, *shape[1:]), dtype=dtype, device=device)
+        pieces = None
+        if self.me == owner:
+            pieces = []
+            for r in range(self.world):
+                piece = received.new_zeros(received.shape)
+                piece[:rows[r]] = whole[r * chunk:r * chunk + rows[r]]
+                pieces.append(piece)
+            counters["sent"] += sum(r * math.prod(shape[1:]) for i, r in enumerate(rows)
+                                    if i != owner)
+        else:
+            counters["received"] += rows[self.me] * math.prod(shape[1:])
+        self.dist.scatter(received, pieces, src=self.global_rank(owner), group=self.group)
+        return received[:rows[self.me]]
+
+    def broadcast(self, t: torch.Tensor, owner: int) -> torch.Tensor:
+        self.dist.broadcast(t, src=self.global_rank(owner), group=self.group)
+        if self.me == owner:
+            counters["sent"] += t.numel() * (self.world - 1)
+        else:
+            counters["received"] += t.numel()
+        return t
+
+    def all_gather_object(self, obj) -> list:
+        found = [None] * self.world
+        self.dist.all_gather_object(found, obj, group=self.group)
+        return found
+
+
+def run_on_owners(fn, params, values: dict, hyper: dict) -> dict:
+    """A whole-matrix block `fn` (`reads="matrix"`) on a bucket of FSDP2-sharded parameters
+    (`is_row_sharded`), each matrix processed whole by one owner rank (`assign_owners`).
+
+    1. Every tensor the block is given for a parameter (the parameter, its gradient, each state
+       or handed-on tensor) that is sharded as the parameter is gathered on the owner (one
+       `gather` each: every other rank sends its rows); a replicated DTensor is read locally, a
+       pending one (`Partial`) is reduced first; plain tensors are taken as they are (replicated:
+       the same on every rank).
+    2. Each rank runs `fn` once, on the whole tensors of the matrices it owns (not at all if it
+       owns none), as a single process would.
+    3. The owners tell every rank (one `all_gather_object` of descriptions) what changed:
+       inputs written in place (the tensors' version counters say so: the parameter, a state
+       tensor) are scattered back into the shards (`scatter`; a replicated input is broadcast
+       back), and each returned value is, per parameter: an input (the shard or tensor it came
+       from), a new tensor the parameter's shape (scattered into a new DTensor sharded as the
+       parameter: Adafactor's update, SOAP's moments), another tensor (broadcast and kept
+       replicated, as a plain tensor on every rank: Adafactor's row and column statistics,
+       SOAP's factors and eigenbases), None, or a Python value.
+
+    Not covered: a block that replaces `p.grad` or writes the gradient in place (the change is
+    not sent back); a parameter of 2-D meshes (HSDP) or sharded along another dimension (the
+    caller runs the block on the DTensors as they are)."""
+    from torch.distributed.tensor import DTensor
+
+    from .tensorlist import ParamList, TensorList
+    from .blocks.base import PerParam
+
+    tensors, grads = list(params.tensors), list(params.grad.tensors)
+    n = len(tensors)
+    mesh = tensors[0].device_mesh
+    comm = _Comm(mesh)
+    loads = _loads.setdefault(id(comm.group), [0] * comm.world)
+    owners = assign_owners([tuple(t.shape) for t in tensors], comm.world, loads)
+    mine = [i for i in range(n) if owners[i] == comm.me]
+    listed = {k: v for k, v in values.items() if isinstance(v, (TensorList, PerParam))}
+    # Slots: ("param",), ("grad",) and (key,) per listed value; each element on this rank is
+    # gathered (row-sharded), local (any other tensor), or not a tensor.
+    slots = {"__param__": tensors, "__grad__": grads}
+    slots.update({k: list(v.tensors if isinstance(v, TensorList) else v) for k, v in
+                  listed.items()})
+    whole: dict[tuple, Any] = {}  # (slot, i) -> the element the owner's block sees
+    kinds: dict[tuple, str] = {}
+    for i in range(n):
+        for slot, elements in slots.items():
+            x = elements[i]
+            if not isinstance(x, torch.Tensor):
+                whole[(slot, i)] = x
+                continue
+            if distribution_of(x) is not None:
+                if is_row_sharded(x) and tuple(x.shape) == tuple(tensors[i].shape):
+                    kinds[(slot, i)] = "gathered"
+                    whole[(slot, i)] = comm.gather(x.to_local(), tuple(x.shape), owners[i])
+                    continue
+                if any(p.is_partial() for p in x.placements):
+                    x = x.full_tensor()
+                else:
+                    x = x.to_local()
+            kinds[(slot, i)] = "local"
+            whole[(slot, i)] = x
+    # 2. the block, on the matrices this rank owns
+    described: dict = {"written": {}, "results": {}, "scalars": {}}
+    if mine:
+        counters["matrices"] += len(mine)
+        versions = {(slot, i): whole[(slot, i)]._version for (slot, i) in kinds if i in mine}
+        owned = ParamList([whole[("__param__", i)] for i in mine],
+                          [whole[("__grad__", i)] for i in mine])
+        given = {}
+        for k, v in listed.items():
+            elements = [whole[(k, i)] for i in mine]
+            given[k] = TensorList(elements) if isinstance(v, TensorList) else PerParam(elements)
+        result = fn(owned, **{**values, **given, **hyper})
+        result = result if isinstance(result, dict) else {}
+        for (slot, i), version in versions.items():
+            if whole[(slot, i)]._version != version:
+                described["written"].setdefault(i, []).append(slot)
+        for key, value in result.items():
+            if not isinstance(value, (TensorList, PerParam, list, tuple)):
+                described["scalars"][key] = value
+                continue
+            elements = value.tensors if isinstance(value, TensorList) else list(value)
+            per = described["results"].setdefault(key, {})
+            for j, i in enumerate(mine):
+                e = elements[j]
+                if e is None or not isinstance(e, torch.Tensor):
+                    per[i] = ("value", e)
+                    continue
+                same = [slot for slot in slots if (slot, i) in kinds and whole[(slot, i)] is e]
+                if same:
+                    per[i] = ("same", same[0])
+                elif tuple(e.shape) == tuple(tensors[i].shape) and \
+                        kinds.get(("__param__", i)) == "gathered":
+                    per[i] = ("shard", e.dtype)
+                    whole[(("result", key), i)] = e
+                else:
+                    per[i] = ("replicated", tuple(e.shape), e.dtype)
+                    whole[(("result", key), i)] = e
+    # 3. what changed, back to every rank
+    everyone = comm.all_gather_object(described)
+    written: dict = {}
+    results: dict = {}
+    scalars: dict = {}
+    for d in everyone:
+        written.update(d["written"])
+        for key, per in d["results"].items():
+            results.setdefault(key, {}).update(per)
+        for key, value in d["scalars"].items():
+            scalars.setdefault(key, value)
+    for i in range(n):
+        for slot in written.get(i, ()):
+            target = slots[slot][i]
+            local = target.to_local() if distribution_of(target) is not None else target
+            if kinds[(slot, i)] == "gathered":
+                rows = comm.scatter(whole.get((slot, i)), tuple(target.shape), local.dtype,
+                                    local.device, owners[i])
+                local.copy_(rows)
+            else:
+                buffer = whole[(slot, i)] if comm.me == owners[i] else torch.empty_like(local)
+                comm.broadcast(buffer, owners[i])
+                if buffer is not local:
+                    local.copy_(buffer)
+    out = dict(scalars)
+    for key, per in results.items():
+        elements = []
+        for i in range(n):
+            how = per[i]
+            if how[0] == "value":
+                elements.append(how[1])
+            elif how[0] == "same":
+                elements.append(slots[how[1]][i])
+            elif how[0] == "shard":
+                p = tensors[i]
+                local = p.to_local()
+                rows = comm.scatter(whole.get((("result", key), i)), tuple(p.shape), how[1],
+                                    local.device, owners[i]).clone()
+                elements.append(DTensor.from_local(rows, p.device_mesh, p.placements,
+                                                   run_check=False, shape=p.shape,
+                                                   stride=p.stride()))
+            else:
+                _, shape, dtype = how
+                buffer = whole[(("result", key), i)] if comm.me == owners[i] else \
+                    torch.empty(shape, dtype=dtype, device=tensors[i].to_local().device)
+                elements.append(comm.broadcast(buffer.contiguous(), owners[i]))
+        if all(isinstance(e, torch.Tensor) for e in elements):
+            out[key] = TensorList(elements)
+        else:
+            out[key] = PerParam(elements)
+    return out

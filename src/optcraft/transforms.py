@@ -77,6 +77,28 @@ def _grads(params) -> list[torch.Tensor]:
     return [p.grad for p in params if p.grad is not None]
 
 
+def _largest_magnitudes(grads: list) -> list[torch.Tensor]:
+    """The largest magnitude in each gradient, as plain 0-d tensors.  FSDP2's gradients (DTensors)
+    go through `distributed.sharded_norms`: the maximum over the whole tensor, the same on every
+    rank (so every rank skips the same steps), with one all-reduce, and a rank whose shard is
+    empty takes no part (torch has no max norm of an empty tensor)."""
+    from .distributed import distribution_of, sharded_norms
+
+    if distribution_of(grads[0]) is None:
+        return torch._foreach_norm(grads, math.inf)
+    found = []
+    by_layout: dict = {}
+    for g in grads:
+        by_layout.setdefault(distribution_of(g), []).append(g)
+    for layout, same in by_layout.items():
+        norms = sharded_norms(same, math.inf) if layout is not None else None
+        if norms is None:  # plain tensors, or a layout sharded_norms does not take
+            norms = [n.full_tensor() if distribution_of(n) is not None else n
+                     for n in torch._foreach_norm(same, math.inf)]
+        found.extend(n.to_local() if distribution_of(n) is not None else n for n in norms)
+    return found
+
+
 def _check_positive(who: str, name: str, value, allow_zero: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{who}: {name} must be a real number, got {type(value).__name__} "
@@ -159,7 +181,7 @@ class skip_nonfinite(Transform):
         if grads:
             # the largest magnitude is NaN or inf exactly when some element is, and never
             # overflows (a sum or an L2 norm of large finite half-precision values can)
-            biggest = torch._foreach_norm(grads, math.inf)
+            biggest = _largest_magnitudes(grads)
             devices = {t.device for t in biggest}
             checks = [torch.isfinite(torch.stack([t for t in biggest if t.device == d])).all()
                       for d in devices]

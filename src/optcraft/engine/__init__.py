@@ -26,7 +26,7 @@ from torch._C._dynamo.eval_frame import get_eval_frame_callback
 
 from .. import precision
 from ..blocks.base import vectorised
-from ..distributed import sum_over_ranks
+from ..distributed import begin_step as begin_distributed_step, sum_over_ranks
 from ..tensorlist import ParamList, TensorList
 from .buckets import Bucket, as_real, make_buckets
 from .chain import Chain, Stage
@@ -99,6 +99,7 @@ def _plan(chain: Chain, path: Path, groups: list, state) -> list:
     """The host's part of a step before any arithmetic: each group's hyperparameters, values and
     buckets."""
     path.begin_step()
+    begin_distributed_step()  # owners of whole-matrix blocks are balanced over the step
     plan = []
     for group in groups:
         hyper = _plain_scalars(hypers_of(group))

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..blocks.base import PerParam, Spec, StateRule, callback_name, spec_of, vectorised
-from ..distributed import distribution_of
+from ..distributed import distribution_of, is_row_sharded, run_on_owners
 from ..tensorlist import ParamList, TensorList
 from .buckets import chunks
 
@@ -117,7 +117,9 @@ def apply(cbs: Sequence[Callable], params: ParamList, values: dict, hyper: dict,
     for cb in cbs:
         fn = vectorised(cb)
         if fn is not None:
-            if slice_numel and sliceable(cb, params, values, hyper):
+            if on_owners(cb, params, values, hyper):
+                result = run_on_owners(fn, params, values, hyper)
+            elif slice_numel and sliceable(cb, params, values, hyper):
                 result = run_sliced(cb, fn, params, values, hyper, slice_numel)
             else:
                 result = fn(params, **{**values, **hyper})
@@ -134,6 +136,16 @@ def apply(cbs: Sequence[Callable], params: ParamList, values: dict, hyper: dict,
 #: memory, and its temporaries are the size of a slice.  Not on a GPU, where passes over memory
 #: are cheap and each slice's kernels would be launches.
 SLICE_NUMEL = 1 << 20
+
+
+def on_owners(cb, params: ParamList, values: dict, hyper: dict) -> bool:
+    """Whether `cb` reads whole matrices (for these keyword arguments) and the bucket holds
+    FSDP2-sharded parameters: then each matrix runs whole on one owner rank
+    (`optcraft.distributed.run_on_owners`), never on a shard."""
+    if not is_row_sharded(params.tensors[0]):
+        return False
+    spec, bound = spec_of(cb)
+    return spec is not None and spec.reads_for({**values, **hyper, **bound}) == "matrix"
 
 
 def sliceable(cb, params: ParamList, values: dict, hyper: dict) -> bool:
