@@ -34,7 +34,10 @@ from .foreach import ForeachPath
 from .fused import FusedPath, recognise
 from .path import Path
 from .reference import ReferencePath
+from ..state_codecs import StateCodec, decoded, write_stochastic
 
+#: The state as the chain makes it (a caller of `step` that names no codec).
+_AS_MADE = StateCodec(32, "nearest")
 IMPLS = ("auto", "reference", "foreach", "fused", "compiled")
 PATHS: dict[str, type[Path]] = {"reference": ReferencePath, "foreach": ForeachPath,
                                 "fused": FusedPath, "compiled": CompiledPath}
@@ -94,8 +97,9 @@ def _plain_scalars(hyper: dict) -> dict:
 
 
 def step(chain: Chain, path: Path, groups: Iterable[dict], state,
-         master_weights: bool = True) -> None:
-    """One optimizer step of `chain` over `groups` on `path`."""
+         master_weights: bool = True, codec: StateCodec | None = None) -> None:
+    """One optimizer step of `chain` over `groups` on `path`, its state stored by `codec`
+    (`optcraft.state_codecs`; None: as the chain makes it)."""
     groups = list(groups)
     path.begin_step()
     plan = []
@@ -108,7 +112,8 @@ def step(chain: Chain, path: Path, groups: Iterable[dict], state,
         sums: dict[str, list] = {}
         for group, hyper, values, buckets in plan:
             for bucket in buckets:
-                run_bucket(path, stage, bucket, state, values, hyper, master_weights, sums)
+                run_bucket(path, stage, bucket, state, values, hyper, master_weights, sums,
+                           codec)
         if stage.all_block is not None:
             totals = {k: sum_over_ranks(v) for k, v in sums.items()}
             for name in chain.summed:
@@ -118,14 +123,19 @@ def step(chain: Chain, path: Path, groups: Iterable[dict], state,
 
 
 def run_bucket(path: Path, stage: Stage, bucket: Bucket, state, group_values: dict, hyper: dict,
-               master_weights: bool, sums: dict) -> None:
+               master_weights: bool, sums: dict, codec: StateCodec | None = None) -> None:
     """A stage of the chain on one bucket, and the new state written back.  Half-precision
-    parameters run on their float32 master copies (see `optcraft.precision`), complex ones as
-    their real views; what the chain hands on (`transient`) is dropped, and what it sums over all
-    parameters (`summed`) is added to `sums`."""
+    parameters run on their float32 master copies (see `optcraft.precision`), or, without them
+    and with stochastic rounding, on float32 copies rounded back stochastically (see
+    `optcraft.state_codecs`); complex ones as their real views.  The stored state is decoded
+    before the chain and encoded after it by `codec`; what the chain hands on (`transient`) is
+    dropped, and what it sums over all parameters (`summed`) is added to `sums`."""
+    codec = codec or _AS_MADE
     with_master = precision.uses_master(bucket.params[0].dtype, master_weights)
-    if with_master:
-        masters = precision.masters_of(bucket.params, state)
+    stochastic = codec.stochastic_params(bucket.params[0].dtype, with_master)
+    if with_master or stochastic:
+        masters = precision.masters_of(bucket.params, state) if with_master else \
+            precision.upcast(bucket.params)
         params = ParamList(masters, precision.upcast(bucket.grads))
     elif bucket.params[0].is_complex():  # (a bucket holds one dtype)
         params = ParamList([as_real(p) for p in bucket.params],
@@ -134,6 +144,7 @@ def run_bucket(path: Path, stage: Stage, bucket: Bucket, state, group_values: di
         params = ParamList(bucket.params, bucket.grads)
     values = {**group_values, **bucket.gather(state)}
     values.pop(precision.MASTER, None)
+    values = codec.decode(values, bucket.params, params.tensors[0].dtype, path.chain.kept)
     values = path.run(stage, bucket, params, values, hyper)
     values.pop(precision.MASTER, None)
     for name in group_values:
@@ -144,9 +155,13 @@ def run_bucket(path: Path, stage: Stage, bucket: Bucket, state, group_values: di
         value = values.pop(name, None)
         if value is not None:
             sums.setdefault(name, []).append(value)
+    values = codec.encode(values, bucket.params, state, path.chain.kept,
+                          None if with_master else bucket.params[0].dtype)
     bucket.scatter(state, values)
     if with_master:
         precision.write_back(bucket.params, masters)
+    elif stochastic:
+        write_stochastic(bucket.params, masters)
 
 
 def _run_all_block(chain: Chain, cb, group: dict, hyper: dict, values: dict, totals: dict,
@@ -164,11 +179,15 @@ def _run_all_block(chain: Chain, cb, group: dict, hyper: dict, values: dict, tot
         values[name] = value
 
 
-def move_to_point(move, p: torch.Tensor, st: dict, values: dict, master_weights: bool) -> None:
+def move_to_point(move, p: torch.Tensor, st: dict, values: dict, master_weights: bool,
+                  rules: dict | None = None) -> None:
     """`move(params, **state_and_values)`, a block's `eval_point` function, on one parameter (its
-    float32 master where it has one, else its real view), then the master rounded back in."""
+    float32 master where it has one, else its real view), then the master rounded back in.  The
+    state it reads is decoded (`rules`: the chain's kept state, see `optcraft.state_codecs`)."""
     with_master = precision.uses_master(p.dtype, master_weights) and precision.MASTER in st
     target = st[precision.MASTER] if with_master else as_real(p)
+    if not p.is_complex():
+        st = decoded(st, p, target.dtype, rules or {})
     own = {k: TensorList([as_real(v)]) if isinstance(v, torch.Tensor) else v
            for k, v in st.items() if k != precision.MASTER}
     move(ParamList([target], [None]), **{**values, **own})
