@@ -158,7 +158,8 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, bits: int, signed: boo
 
 def max_error(bits: int, signed: bool, x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     """Per element of `x` (flat, `absmax` per block as `quantize` gives it): half the gap between
-    the two codes around `x / absmax`, times absmax: the most its round trip may be off."""
+    the two codes around `x / absmax`, times absmax: the most its round trip may be off (in
+    the shape of `x`)."""
     size = BLOCK[bits]
     flat = x.detach().reshape(-1).float()
     scale = absmax.repeat_interleave(size)[:flat.numel()]
@@ -166,7 +167,7 @@ def max_error(bits: int, signed: bool, x: torch.Tensor, absmax: torch.Tensor) ->
     normed = flat / scale.clamp_min(torch.finfo(torch.float32).tiny)
     upper = torch.searchsorted(values, normed).clamp(1, len(values) - 1)
     gap = values[upper] - values[upper - 1]
-    return 0.5 * gap * scale
+    return (0.5 * gap * scale).view(x.shape)
 
 
 # ---- stochastic rounding ---------------------------------------------------------------------
