@@ -333,7 +333,7 @@ def run_set(set_name: str, scale: int, names: list[str], impls: list[str], steps
                              peak_extra_mib=None if c.peak is None else c.peak / MiB,
                              bandwidth_gbs=bandwidth / 1e9,
                              state_bytes=state_bytes_per_param(c.optimizer)
-                             if c.label.startswith("optcraft") else None,
+                             if state_bits and c.label.startswith("optcraft") else None,
                              vs_32bit=None if base is None else median / base))
         del candidates, probe
     return rows
@@ -345,8 +345,10 @@ COLUMNS = [("params", "params", "{}"), ("candidate", "candidate", "{}"),
            ("median_ms", "median ms", "{:.2f}"), ("vs_fused_adamw", "x torch fused AdamW", "{:.2f}"),
            ("vs_floor", "x own floor", "{:.2f}"), ("first_steps_s", "first 3 steps s", "{:.2f}"),
            ("peak_extra_mib", "peak extra MiB", "{:.0f}"),
-           ("bandwidth_gbs", "copy GB/s", "{:.1f}"),
-           ("state_bytes", "state B/param", "{:.2f}"), ("vs_32bit", "x 32-bit state", "{:.2f}")]
+           ("bandwidth_gbs", "copy GB/s", "{:.1f}")]
+#: the columns of a run with --state-bits
+STATE_COLUMNS = [("state_bytes", "state B/param", "{:.2f}"),
+                 ("vs_32bit", "x 32-bit state", "{:.2f}")]
 
 
 def _cell(row, key, fmt):
@@ -354,8 +356,10 @@ def _cell(row, key, fmt):
 
 
 def table(rows: list[dict], markdown: bool = False) -> str:
-    head = [title for _, title, _ in COLUMNS]
-    body = [[_cell(r, key, fmt) for key, _, fmt in COLUMNS] for r in rows]
+    columns = COLUMNS + (STATE_COLUMNS if any(r.get("state_bytes") is not None for r in rows)
+                         else [])
+    head = [title for _, title, _ in columns]
+    body = [[_cell(r, key, fmt) for key, _, fmt in columns] for r in rows]
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
