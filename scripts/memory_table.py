@@ -3,7 +3,7 @@ with its state at 32, 16, 8 and 4 bits, and with bfloat16 weights without a mast
 (stochastic rounding; state in bfloat16, the weights' dtype, and at 8 bits).
 
     PYTHONPATH=src python scripts/memory_table.py [--epochs 5] [--seeds 0,1]
-        [--optimizers Adam,Lamb,DuvAdam]
+        [--optimizers Adam,Lamb,SAdam]
 
 For each run: the mean training loss over the last epoch, the validation loss and accuracy after
 the last epoch, each the mean over the seeds; and the difference of the accuracy to the same
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--optimizers", default="Adam,Lamb,DuvAdam")
+    parser.add_argument("--optimizers", default="Adam,Lamb,SAdam")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     common.few_threads()

@@ -408,3 +408,30 @@ def test_8bit_adam_is_as_close_to_float32_as_torchaos_adamw8bit():
     ours, theirs = (w_ours - w32).abs().mean(), (w_ao - w32).abs().mean()
     print(f"mean |8-bit - float32|: optcraft {ours:.3e}, torchao {theirs:.3e}")
     assert ours <= 1.5 * theirs
+
+
+def test_evaluation_point_reads_the_decoded_state():
+    """`opt.eval()` hands a block's `eval_point` function the state decoded (a block keeping
+    a like-parameter point `z` and evaluating there)."""
+    from optcraft.blocks import block, like_param
+
+    def to_eval(p, z=None, **kwargs):
+        p.copy_(z)
+
+    def to_train(p, **kwargs):
+        pass
+
+    @block(state=dict(z=like_param), eval_point=(to_eval, to_train), reads="elements")
+    def keep_point(p, z=None, **kwargs):
+        if z is None:
+            z = p.clone()
+        z.mul_(0.5)
+        return {"z": z}
+
+    w = torch.ones(80, 64, requires_grad=True)
+    w.grad = torch.ones_like(w)
+    opt = oc.Optimizer([w], [keep_point], state_bits=8)
+    opt.step()
+    assert opt.state[w]["z"].dtype == torch.uint8
+    opt.eval()
+    assert torch.equal(w.detach(), torch.full((80, 64), 0.5))  # 0.5 = absmax: stored exactly

@@ -274,6 +274,7 @@ def torch_names(recipe):
     @functools.wraps(recipe)
     def call(*args, **kwargs):
         stored_as = {k: kwargs.pop(k) for k in storage if k in kwargs}
+        stored_as = {k: v for k, v in stored_as.items() if v is not None}  # None: the default
         if stored_as:
             from .state_codecs import check
             check(stored_as.get("state_bits", 32), stored_as.get("rounding"))
