@@ -435,3 +435,22 @@ def test_evaluation_point_reads_the_decoded_state():
     assert opt.state[w]["z"].dtype == torch.uint8
     opt.eval()
     assert torch.equal(w.detach(), torch.full((80, 64), 0.5))  # 0.5 = absmax: stored exactly
+
+
+def test_quantizer_works_in_pieces_with_the_same_result(monkeypatch):
+    """Quantising and dequantising go through a tensor in pieces (small temporaries); the
+    pieces' boundaries change nothing, and the input is left as it was."""
+    x = sample(True, n=70_001)
+    kept = x.clone()
+    whole = {}
+    for bits in (8, 4):
+        whole[bits] = sc.quantize(x, bits, True)
+    monkeypatch.setattr(sc, "CHUNK_NUMEL", 1000)
+    for bits in (8, 4):
+        codes, absmax = sc.quantize(x, bits, True)
+        assert torch.equal(codes, whole[bits][0]) and torch.equal(absmax, whole[bits][1])
+        back = sc.dequantize(codes, absmax, bits, True, tuple(x.shape))
+        monkeypatch.setattr(sc, "CHUNK_NUMEL", 1 << 30)
+        assert torch.equal(back, sc.dequantize(codes, absmax, bits, True, tuple(x.shape)))
+        monkeypatch.setattr(sc, "CHUNK_NUMEL", 1000)
+    assert torch.equal(x, kept)

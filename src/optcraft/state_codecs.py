@@ -124,23 +124,36 @@ def _tables(bits: int, signed: bool, device: torch.device):
             torch.tensor(mids, dtype=torch.float32, device=device))
 
 
+#: quantising, dequantising and stochastic rounding work through a tensor in pieces of this
+#: many elements, so that their temporaries stay small next to the bucket's decoded state
+CHUNK_NUMEL = 1 << 18
+
+
 def quantize(x: torch.Tensor, bits: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, absmax) of `x`: codes uint8 of one dimension (packed two to a byte at 4 bits),
     absmax float32, one per block of `BLOCK[bits]` elements."""
     size = BLOCK[bits]
-    flat = x.detach().reshape(-1).float()
+    flat = x.detach().reshape(-1)
     n = flat.numel()
     n_blocks = max(1, math.ceil(n / size))
     if n_blocks * size != n:
         flat = torch.nn.functional.pad(flat, (0, n_blocks * size - n))
     blocks = flat.view(n_blocks, size)
-    absmax = blocks.abs().amax(dim=1)
-    normed = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
     values, mids = _tables(bits, signed, x.device)
-    codes = torch.searchsorted(mids, normed.reshape(-1), out_int32=True)
-    codes = codes.clamp_(0, len(values) - 1).to(torch.uint8)  # (a NaN would search past the end)
-    if bits == 4:
-        codes = codes[0::2] | (codes[1::2] << 4)
+    absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
+    codes = torch.empty(n_blocks * size // (8 // bits), dtype=torch.uint8, device=x.device)
+    rows = max(1, CHUNK_NUMEL // size)
+    per_row = size // (8 // bits)
+    for i in range(0, n_blocks, rows):
+        piece = blocks[i:i + rows].float()
+        top = piece.abs().amax(dim=1)
+        absmax[i:i + rows] = top
+        piece = piece / top.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
+        found = torch.searchsorted(mids, piece.reshape(-1), out_int32=True)
+        found = found.clamp_(0, len(values) - 1)  # (a NaN would search past the end)
+        if bits == 4:
+            found = found[0::2] | (found[1::2] << 4)
+        codes[i * per_row:(i + rows) * per_row] = found
     return codes, absmax
 
 
@@ -148,12 +161,20 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, bits: int, signed: boo
                shape: tuple, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The tensor of `shape` that `quantize` encoded as (codes, absmax), in `dtype`."""
     n = math.prod(shape)
-    if bits == 4:
-        codes = torch.stack((codes & 15, codes >> 4), dim=-1).reshape(-1)
+    size = BLOCK[bits]
+    n_blocks = absmax.numel()
     values, _ = _tables(bits, signed, codes.device)
-    out = values.index_select(0, codes.to(torch.int32)).view(absmax.numel(), -1)
-    out.mul_(absmax.to(torch.float32).unsqueeze(1))
-    return out.view(-1)[:n].view(shape).to(dtype)
+    out = torch.empty(n_blocks, size, dtype=torch.float32, device=codes.device)
+    rows = max(1, CHUNK_NUMEL // size)
+    per_row = size // (8 // bits)
+    for i in range(0, n_blocks, rows):
+        piece = codes[i * per_row:(i + rows) * per_row]
+        if bits == 4:
+            piece = torch.stack((piece & 15, piece >> 4), dim=-1).reshape(-1)
+        got = values.index_select(0, piece.to(torch.int32)).view(-1, size)
+        out[i:i + rows] = got.mul_(absmax[i:i + rows].to(torch.float32).unsqueeze(1))
+    out = out.view(-1)[:n].view(shape)
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 def max_error(bits: int, signed: bool, x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
@@ -174,7 +195,22 @@ def max_error(bits: int, signed: bool, x: torch.Tensor, absmax: torch.Tensor) ->
 
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`x` (float32) in `dtype` (bfloat16 or float16), rounded to one of its two neighbours at
-    random: up with probability (x - below) / (above - below), so the expectation is `x`."""
+    random: away from zero with probability (|x| - |below|) / (|above| - |below|), so the
+    expectation is `x`.
+
+    bfloat16 is float32's upper 16 bits: a uniform random integer in [0, 2**16) is added to the
+    float32 bit pattern and the lower 16 bits are cut (one int32 temporary per element); the carry
+    reaches the kept bits with probability (the lower bits) / 2**16.  float16: the nearest value,
+    and its neighbour on the other side of `x` with the probability of the remainder."""
+    if dtype == torch.bfloat16 and x.dtype == torch.float32:
+        flat = x.contiguous().view(-1).view(torch.int32)
+        out = torch.empty(flat.shape, dtype=torch.bfloat16, device=x.device)
+        for i in range(0, flat.numel(), CHUNK_NUMEL):
+            piece = flat[i:i + CHUNK_NUMEL]
+            noise = torch.randint(0, 1 << 16, piece.shape, dtype=torch.int32, device=x.device)
+            noise.add_(piece).bitwise_and_(-65536)
+            out[i:i + CHUNK_NUMEL] = noise.view(torch.float32)
+        return out.view(x.shape)
     nearest = x.to(dtype)
     error = x - nearest.float()
     toward = torch.where(error > 0, torch.tensor(math.inf, dtype=dtype, device=x.device),
