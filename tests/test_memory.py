@@ -454,3 +454,13 @@ def test_quantizer_works_in_pieces_with_the_same_result(monkeypatch):
         assert torch.equal(back, sc.dequantize(codes, absmax, bits, True, tuple(x.shape)))
         monkeypatch.setattr(sc, "CHUNK_NUMEL", 1000)
     assert torch.equal(x, kept)
+
+
+def test_compare_takes_state_bits():
+    from optcraft.cli.common import CLIError
+    from optcraft.cli.compare import parse_state_bits, run_label
+
+    assert parse_state_bits("32, 8,4") == [32, 8, 4]
+    with pytest.raises(CLIError, match="--state-bits"):
+        parse_state_bits("6")
+    assert run_label("Adam", 8) == "Adam 8-bit" and run_label("Adam", None, True) == "Adam bf16"
