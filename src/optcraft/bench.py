@@ -18,10 +18,17 @@ took together (compiling happens there for impl="compiled", at the second or thi
 the peak memory one step adds (on the CPU the process's resident high-water mark during a step
 minus its size before; on CUDA the allocator's peak minus what was allocated before).
 
+`--state-bits 32,16,8,4` adds optcraft's candidates with their state stored at each of those
+bits (`optcraft.state_codecs`): each row then also says the bytes of state kept per parameter
+(measured from the tensors in `opt.state`, master weights and scales included) and its step
+time over the same optimizer's and impl's with float32 state (`x 32-bit state`).
+
 `--device cuda` runs it all on a GPU: the steps are timed between `torch.cuda.synchronize()` calls,
 so a row is the step's whole time on the device, launches included.
 
     python -m optcraft.bench --params gpt2-small --optimizers Adam,Lamb --impls auto,compiled
+    python -m optcraft.bench --params gpt2-small --optimizers Adam --impls foreach \
+        --state-bits 32,16,8,4 --no-torch
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ from typing import Callable
 
 import torch
 
+from . import state_codecs
 from .optimizers import classic
 
 MiB = 1 << 20
@@ -277,16 +285,23 @@ def floor_seconds(optimizer: torch.optim.Optimizer, bandwidth: float) -> float:
 
 
 def make_candidates(name: str, algorithm: Algorithm, params: list, impls: list[str],
-                    with_torch: bool) -> list[Candidate]:
+                    with_torch: bool, state_bits: list[int] | None = None) -> list[Candidate]:
+    """torch's fused AdamW, ours in each impl (at each of `state_bits`; None: as the recipe
+    keeps it, unlabelled), then torch's variants."""
     device = params[0].device
     found = [Candidate("torch AdamW fused", torch.optim.AdamW(
         params, lr=1e-3, betas=(0.9, 0.99), eps=1e-5, weight_decay=0.01, fused=True), device)]
     for impl in impls:
-        try:
-            found.append(Candidate(f"optcraft {name} {impl}", algorithm.ours(params, impl),
-                                   device))
-        except ValueError:
-            continue  # e.g. impl="fused" for a chain torch has no kernel for
+        for bits in state_bits or [None]:
+            try:
+                opt = algorithm.ours(params, impl)
+            except ValueError:
+                break  # e.g. impl="fused" for a chain torch has no kernel for
+            label = f"optcraft {name} {impl}"
+            if bits is not None:
+                state_codecs.configure(opt, state_bits=bits)
+                label += f" {bits}-bit"
+            found.append(Candidate(label, opt, device))
     if with_torch and algorithm.torch_cls is not None:
         flags_of = {"forloop": dict(foreach=False), "foreach": dict(foreach=True), "": {}}
         variants = {v: flags_of[v] for v in algorithm.torch_variants}
@@ -312,9 +327,21 @@ def make_parameters(shapes: list, device: torch.device = torch.device("cpu")) ->
     return params
 
 
+def state_bytes_per_param(optimizer: torch.optim.Optimizer) -> float | None:
+    """Bytes of tensors kept in the optimizer's state per parameter that has state (measured
+    from the tensors themselves: codes, scales, moments, master weights, Lookahead's slow
+    weights), or None before any state."""
+    inner = optimizer
+    while not hasattr(inner, "chains") and hasattr(inner, "opt"):
+        inner = inner.opt
+    total, params = state_codecs.state_bytes(inner)
+    return total / params if params else None
+
+
 def run_set(set_name: str, scale: int, names: list[str], impls: list[str], steps: int,
             warmup: int, with_torch: bool, copy_bytes: int, progress=print,
-            device: torch.device = torch.device("cpu")) -> list[dict]:
+            device: torch.device = torch.device("cpu"),
+            state_bits: list[int] | None = None) -> list[dict]:
     """Each optimizer's candidates, torch's fused AdamW (the yardstick) and a copy (the floor's
     bandwidth) stepped in turn, `warmup + steps` rounds; one row per candidate."""
     params = make_parameters(PARAM_SETS[set_name](scale), device)
@@ -322,7 +349,8 @@ def run_set(set_name: str, scale: int, names: list[str], impls: list[str], steps
     rows = []
     algorithms = {**ALGORITHMS, **_modern_algorithms(), **_research_algorithms()}
     for name in names:
-        candidates = make_candidates(name, algorithms[name], params, impls, with_torch)
+        candidates = make_candidates(name, algorithms[name], params, impls, with_torch,
+                                     state_bits)
         progress(f"{set_name} ({len(params)} tensors, {numel / 1e6:.1f}M parameters): {name}, "
                  f"{len(candidates)} candidates")
         probe = CopyProbe(copy_bytes, device)
@@ -332,14 +360,20 @@ def run_set(set_name: str, scale: int, names: list[str], impls: list[str], steps
                 c.step(measure_memory=(i == warmup))
         yardstick = statistics.median(candidates[0].times[warmup:])
         bandwidth = probe.bandwidth(warmup)
+        float32 = {c.label[:-len(" 32-bit")]: statistics.median(c.times[warmup:])
+                   for c in candidates if c.label.endswith(" 32-bit")}
         for c in candidates:
             median = statistics.median(c.times[warmup:])
             floor = floor_seconds(c.optimizer, bandwidth)
+            base = float32.get(c.label.rsplit(" ", 1)[0]) if c.label.endswith("-bit") else None
             rows.append(dict(params=set_name, candidate=c.label, median_ms=1e3 * median,
                              vs_fused_adamw=median / yardstick, vs_floor=median / floor,
                              first_steps_s=sum(c.times[:3]),
                              peak_extra_mib=None if c.peak is None else c.peak / MiB,
-                             bandwidth_gbs=bandwidth / 1e9))
+                             bandwidth_gbs=bandwidth / 1e9,
+                             state_bytes=state_bytes_per_param(c.optimizer)
+                             if state_bits and c.label.startswith("optcraft") else None,
+                             vs_32bit=None if base is None else median / base))
         del candidates, probe
     return rows
 
@@ -351,6 +385,9 @@ COLUMNS = [("params", "params", "{}"), ("candidate", "candidate", "{}"),
            ("vs_floor", "x own floor", "{:.2f}"), ("first_steps_s", "first 3 steps s", "{:.2f}"),
            ("peak_extra_mib", "peak extra MiB", "{:.0f}"),
            ("bandwidth_gbs", "copy GB/s", "{:.1f}")]
+#: the columns of a run with --state-bits
+STATE_COLUMNS = [("state_bytes", "state B/param", "{:.2f}"),
+                 ("vs_32bit", "x 32-bit state", "{:.2f}")]
 
 
 def _cell(row, key, fmt):
@@ -358,8 +395,10 @@ def _cell(row, key, fmt):
 
 
 def table(rows: list[dict], markdown: bool = False) -> str:
-    head = [title for _, title, _ in COLUMNS]
-    body = [[_cell(r, key, fmt) for key, _, fmt in COLUMNS] for r in rows]
+    columns = COLUMNS + (STATE_COLUMNS if any(r.get("state_bytes") is not None for r in rows)
+                         else [])
+    head = [title for _, title, _ in columns]
+    body = [[_cell(r, key, fmt) for key, _, fmt in columns] for r in rows]
     if markdown:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
@@ -391,7 +430,15 @@ def parse_args(argv):
                         help="where the parameters live: cpu (default), cuda, cuda:1, ...")
     parser.add_argument("--no-torch", action="store_true", help="skip torch.optim's variants")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--state-bits", default=None, metavar="BITS",
+                        help="comma-separated state bits for optcraft's candidates (32, 16, 8, "
+                             "4): a row each, with its state bytes per parameter and its time "
+                             "over 32-bit state's (see optcraft.state_codecs)")
     args = parser.parse_args(argv)
+    if args.state_bits is not None:
+        bits = _choices(parser, "--state-bits", args.state_bits,
+                        [str(b) for b in state_codecs.STATE_BITS])
+        args.state_bits = [int(b) for b in bits]
     algorithms = {**ALGORITHMS, **_modern_algorithms(), **_research_algorithms()}
     args.params = _choices(parser, "--params", args.params, PARAM_SETS)
     args.optimizers = _choices(parser, "--optimizers", args.optimizers, algorithms)
@@ -436,7 +483,7 @@ def main(argv=None) -> int:
         rows += run_set(set_name, scale, args.optimizers, args.impls, args.steps, args.warmup,
                         not args.no_torch, copy_bytes,
                         progress=lambda text: print(text, file=sys.stderr, flush=True),
-                        device=args.device)
+                        device=args.device, state_bits=args.state_bits)
     print(table(rows, markdown=args.markdown))
     return 0
 

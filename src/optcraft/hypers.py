@@ -258,6 +258,8 @@ def validate_group(values: Mapping[str, Any], group: int | None = None,
 
 #: Keyword arguments of a recipe that choose how it runs, not what it computes.
 EXECUTION_KEYWORDS = ("impl", "master_weights")
+#: How the state is stored (`optcraft.state_codecs`): every named recipe takes them.
+STORAGE_KEYWORDS = ("state_bits", "rounding")
 
 
 def torch_names(recipe):
@@ -266,14 +268,22 @@ def torch_names(recipe):
     ValueError), and the arguments it turns into its chain rather than into hyperparameters
     (`decouple_wd`, Larc's `clip`, a predicate) are fixed: given in a group dict, by `set_hyper`
     or in `add_param_group` they are refused with an error that says so, instead of being stored
-    and silently ignored.  The optimizer records them as `fixed_args`."""
+    and silently ignored.  The optimizer records them as `fixed_args`.  Every named optimizer
+    also takes `state_bits` and `rounding` (see `optcraft.state_codecs`), set on the optimizer it
+    builds where the recipe does not take them itself."""
     import functools
 
     signature = inspect.signature(recipe)
     first = next(iter(signature.parameters))
+    storage = [k for k in STORAGE_KEYWORDS if k not in signature.parameters]
 
     @functools.wraps(recipe)
     def call(*args, **kwargs):
+        stored_as = {k: kwargs.pop(k) for k in storage if k in kwargs}
+        stored_as = {k: v for k, v in stored_as.items() if v is not None}  # None: the default
+        if stored_as:
+            from .state_codecs import check
+            check(stored_as.get("state_bits", 32), stored_as.get("rounding"))
         given = {k: kwargs.pop(k) for k in list(kwargs) if k in TORCH_ALIASES}
         if given:
             translated = canonical_names(given, f"{recipe.__name__}: ")
@@ -304,6 +314,9 @@ def torch_names(recipe):
             inner.fixed_args = fixed if fixed is not None else \
                 {k: v for k, v in _arguments(signature, bound).items() if k not in hypers}
             inner.recipe_name = recipe.__name__
+        if stored_as:
+            from .state_codecs import configure
+            configure(opt, **stored_as)
         return opt
 
     return call

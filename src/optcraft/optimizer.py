@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from . import engine, hypers as hp
+from . import engine, hypers as hp, state_codecs
 from .blocks.base import callback_name
 from .engine import Chain
 from .schedules import is_schedule
@@ -126,6 +126,12 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
         master_weights: for float16/bfloat16 parameters, run the chain on a float32 master copy
             with float32 state (default), or on the parameter itself (False; torch's behaviour).
             See `optcraft.precision`.
+        state_bits: 32 (default), 16 (bfloat16), 8 or 4 (block-wise quantised): how the state
+            the blocks declare like the parameter is stored between steps; see
+            `optcraft.state_codecs`.  An attribute: set later, it takes effect at the next step.
+        rounding: "stochastic" (default) or "nearest": how a float32 result is written into
+            half-precision storage that has no float32 copy (parameters with
+            `master_weights=False`, bfloat16 state); see `optcraft.state_codecs`.
         **defaults: hyperparameters, overriding the callbacks' defaults; a scalar, a list with one
             value per group, or a slice (see `set_hyper`).  torch's names `betas`, `momentum` and
             `weight_decay` are accepted for `(mom, sqr_mom)`, `mom` and `wd`.
@@ -138,7 +144,8 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
     extra_state: tuple[str, ...] = ()
 
     def __init__(self, params, cbs, train_bn: bool = True, impl: str = "auto",
-                 master_weights: bool = True, **defaults):
+                 master_weights: bool = True, state_bits: int = 32, rounding: str | None = None,
+                 **defaults):
         self.chains = _as_chains(cbs)
         # The arguments a named recipe turned into the chain (set by `hypers.torch_names`).
         self.fixed_args, self.recipe_name = {}, None
@@ -147,6 +154,8 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
         if not isinstance(master_weights, bool):
             raise TypeError(f"master_weights must be True or False, got {master_weights!r}")
         self.master_weights = master_weights
+        state_codecs.check(state_bits, rounding)
+        self.state_bits, self.rounding = state_bits, rounding
         # Per group: the schedules (name -> callable) and the values last written from them.
         self.schedule_step, self._schedules, self._written = 0, [], []
         self.impl = engine.check_impl(impl)
@@ -336,8 +345,9 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        codec = self._codec()
         for chain, path, groups in self._begin_step():
-            engine.step(chain, path, groups, self.state, self.master_weights)
+            engine.step(chain, path, groups, self.state, self.master_weights, codec)
         self._end_step()
         return loss
 
@@ -376,6 +386,11 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
                     if isinstance(g.get(engine.GROUP_STATE, {}).get("schedule_step"), int)]
         if recorded:
             self.schedule_step = max(recorded)
+
+    def _codec(self) -> state_codecs.StateCodec:
+        """How the state is stored (`state_bits`, `rounding`: see `optcraft.state_codecs`)."""
+        return state_codecs.StateCodec(getattr(self, "state_bits", 32),
+                                       getattr(self, "rounding", None))
 
     def _check_before_step(self) -> None:
         for i, group in enumerate(self.param_groups):
@@ -420,7 +435,7 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
                     if not st:
                         continue  # never stepped: the two points are the same
                     engine.move_to_point(move, p, st, {**kept, **hyper, **bound},
-                                         self.master_weights)
+                                         self.master_weights, chain.kept)
             kept["train_mode"] = training
         return self
 
@@ -489,7 +504,8 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         extra = {k: self.__dict__[k]
                  for k in ("train_bn", "frozen_idx", "impl", "master_weights", "fixed_args",
-                           "recipe_name", "schedule_step", "_schedules", "_written")}
+                           "recipe_name", "schedule_step", "_schedules", "_written",
+                           "state_bits", "rounding") if k in self.__dict__}
         extra["extra_state"] = self.extra_state
         # The callbacks are pickled; each `Chain` is worked out from them again.
         chains = {name: chain.cbs for name, chain in self.chains.items()}
@@ -619,6 +635,8 @@ def _checked_state(opt: torch.optim.Optimizer, state_dict: dict):
                              f"{s.get('chain')!r}, this optimizer's runs {g.get('chain')!r}")
         if not isinstance(s.get(engine.GROUP_STATE, {}), dict):
             raise ValueError(f"parameter group {i}: its {engine.GROUP_STATE!r} must be a dict")
+    from .precision import uses_master
+
     id_map = dict(zip(chain.from_iterable(s["params"] for s in saved_groups),
                       chain.from_iterable(g["params"] for g in groups)))
     chain_of = {id(p): opt._chain_of(g) if hasattr(opt, "_chain_of") else None
@@ -631,6 +649,8 @@ def _checked_state(opt: torch.optim.Optimizer, state_dict: dict):
         p = id_map[key]
         if not isinstance(values, dict):
             raise ValueError(f"state of parameter {key!r} must be a dict, got {type(values).__name__}")
+        # Encoded entries (8-/4-bit codes and their scales) are checked as what they decode to.
+        values, encoded = state_codecs.split_encoded(values, p)
         rules = chain_of[id(p)]
         if rules is not None and all(spec is not None for spec, _ in rules.specs):
             # Every entry is one the chain's blocks keep (or a flag, a master copy, a wrapper's):
@@ -676,6 +696,9 @@ def _checked_state(opt: torch.optim.Optimizer, state_dict: dict):
             else:
                 value = copy.deepcopy(value)
             own[name] = value
+        if rules is not None and hasattr(opt, "_codec"):  # stored as this optimizer stores it
+            own = opt._codec().load(own, p, rules.kept, None if uses_master(p.dtype, getattr(
+                opt, "master_weights", True)) else p.dtype, encoded)
         state[p] = own
     new_groups = []
     for i, (g, s) in enumerate(zip(groups, saved_groups)):

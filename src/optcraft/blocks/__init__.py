@@ -1,7 +1,7 @@
 """Building blocks: each a few lines of tensor arithmetic with the seed's names, and the
 specification each declares (`base`)."""
-from .base import (PerParam, Spec, StateRule, block, group, is_block, is_zero, like_param, number,
-                   optional, scalar, shaped, spec_of, summed, transient)
+from .base import (PerParam, Spec, StateRule, block, group, is_block, is_zero, like_param,
+                   nonnegative, number, optional, scalar, shaped, spec_of, summed, transient)
 from .decay import l2_reg, weight_decay
 from .layerwise import lamb_blocks, lamb_step, lamb_trust_ratio, larc_layer_lr, larc_step
 from .research import (average_deviation, badam_step, centralize_grad, debiased_momentum_step,
@@ -15,6 +15,7 @@ from .steps import adam_step, debias, momentum_step, qhadam_step, radam_step, rm
 __all__ = [
     "block", "is_block", "Spec", "StateRule", "spec_of", "is_zero", "PerParam",
     "like_param", "shaped", "scalar", "number", "transient", "group", "summed", "optional",
+    "nonnegative",
     "sgd_step", "weight_decay", "l2_reg", "average_grad", "average_sqr_grad", "momentum_step",
     "rms_prop_step", "step_stat", "debias", "adam_step", "radam_step", "qhadam_step",
     "larc_layer_lr", "larc_step", "lamb_blocks", "lamb_trust_ratio", "lamb_step",

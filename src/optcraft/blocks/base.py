@@ -57,13 +57,16 @@ class StateRule:
     the shape a "tensor" entry has for a parameter of that shape, or None where the block keeps no
     such entry for it (Adafactor keeps no row statistics for a vector).  `optional`: the entry may
     be missing (or None) although the rule gives a shape: it is made only once a switch turns
-    on.  `default`: a "group" entry's value before the first step."""
+    on.  `default`: a "group" entry's value before the first step.  `signed`: False for an
+    entry that is never negative by construction (a second moment, declared with
+    `nonnegative`): 8- and 4-bit state (`optcraft.state_codecs`) spends no code on its sign."""
 
     kind: str
     what: str
     shape: Callable[[tuple], tuple | None] | None = None
     optional: bool | Callable = False
     default: Any = None
+    signed: bool = True
 
     def optional_for(self, bound: Mapping[str, Any]) -> bool:
         """Whether the entry may be missing for a block bound with these keywords (`optional`:
@@ -125,6 +128,15 @@ def optional(rule: StateRule, when: Callable | bool = True) -> StateRule:
     momentum buffer), or kept for some tensors of a bucket only (None for the others).  `when`, a
     function of the block's bound keyword arguments, says for which bindings it is so."""
     return dataclasses.replace(rule, optional=when)
+
+
+def nonnegative(rule: StateRule) -> StateRule:
+    """`rule`, for an entry that is never negative by construction (a running average of
+    squares): quantised state stores it with unsigned codes (see `optcraft.state_codecs`).
+
+        state=dict(sqr_avg=nonnegative(like_param))
+    """
+    return dataclasses.replace(rule, signed=False)
 
 
 def group(default) -> StateRule:

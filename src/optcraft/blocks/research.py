@@ -13,7 +13,7 @@ import torch
 
 from ..predicates import conv_not_cinEq256_coutLt256, conv_weight
 from ..tensorlist import TensorList, where
-from .base import PerParam, block, like_param, optional, scalar
+from .base import PerParam, block, like_param, nonnegative, optional, scalar
 from .steps import _adam_denominator, debias
 
 
@@ -85,8 +85,8 @@ def sign_grad(p, **kwargs):
 
 # ---- statistics ------------------------------------------------------------------------------
 
-@block(hypers=dict(sqr_mom=0.99), state=dict(dev_avg=like_param), static=("square",),
-       reads="elements")
+@block(hypers=dict(sqr_mom=0.99), state=dict(dev_avg=nonnegative(like_param)),
+       static=("square",), reads="elements")
 def average_deviation(p, sqr_mom, grad_avg=None, dev_avg=None, square=True, **kwargs):
     """How far the gradient strays from its running average, averaged; it must come before the
     block that updates `grad_avg`:

@@ -1,7 +1,7 @@
 """Statistics: running averages of the gradient and its square, and the step count."""
 from __future__ import annotations
 
-from .base import block, is_zero, like_param, number, optional
+from .base import block, is_zero, like_param, nonnegative, number, optional
 
 
 def _without_dampening(dampening=False, **kwargs) -> bool:
@@ -38,7 +38,8 @@ def momentum_of(p, grad_avg, mom):
     return p.grad if grad_avg is None or is_zero(mom) else grad_avg
 
 
-@block(hypers=dict(sqr_mom=0.99), state=dict(sqr_avg=like_param), reads="elements")
+@block(hypers=dict(sqr_mom=0.99), state=dict(sqr_avg=nonnegative(like_param)),
+       reads="elements")
 def average_sqr_grad(p, sqr_mom, dampening=True, sqr_avg=None, **kwargs):
     """Running average of the squared gradient.
 

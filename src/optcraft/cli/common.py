@@ -81,10 +81,12 @@ def _number(text: str, what: str) -> float:
         raise CLIError(f"{what}: {text!r} is not a number") from None
 
 
-def build_optimizer(entry: registry.Entry, params, lr: float | None, impl: str | None):
-    """The optimizer, with the library's own ValueError/TypeError (a bad value) as a CLIError."""
+def build_optimizer(entry: registry.Entry, params, lr: float | None, impl: str | None,
+                    **kwargs):
+    """The optimizer, with the library's own ValueError/TypeError (a bad value) as a CLIError;
+    `kwargs` (`state_bits`, `master_weights`) go to the recipe."""
     try:
-        return entry.make(params, lr=lr, impl=impl)
+        return entry.make(params, lr=lr, impl=impl, **kwargs)
     except (ValueError, TypeError) as error:
         raise CLIError(f"{entry.name}: {error}") from None
 

@@ -40,6 +40,13 @@ def add_parser(subparsers):
     parser.add_argument("--lr", metavar="NAME=LR,...",
                         help="learning rates, e.g. Adam=3e-3,SGD=0.1, or one number for all "
                              "(default: each optimizer's tuned value, see `optcraft show NAME`)")
+    parser.add_argument("--state-bits", metavar="BITS",
+                        help="comma-separated bits to keep each optimizer's state in: 32, 16 "
+                             "(bfloat16), 8, 4 (block-wise quantised); a run each (default: as "
+                             "the optimizer keeps it; see docs/memory.md)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="train bfloat16 parameters without a float32 master copy (updates "
+                             "added with stochastic rounding)")
     add_run_options(parser)
     parser.set_defaults(run=run)
     return parser
@@ -70,30 +77,45 @@ class Result:
 @torch.no_grad()
 def evaluate(model, x, y) -> tuple[float, float]:
     model.eval()
-    logits = model(x)
+    logits = model(x).float()
     model.train()
     return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
+def run_label(name: str, state_bits: int | None = None, bf16: bool = False) -> str:
+    """A run's name in the table: the optimizer's, with its state bits and bfloat16 weights."""
+    return name + ("" if state_bits is None else f" {state_bits}-bit") + (" bf16" if bf16 else "")
+
+
 def train(entry: registry.Entry, lr: float | None, data: Digits, init_state: dict, epochs: int,
-          batch_size: int, seed: int, impl: str | None) -> Result:
+          batch_size: int, seed: int, impl: str | None, state_bits: int | None = None,
+          bf16: bool = False) -> Result:
     """One optimizer's run; everything random is drawn from `seed` so every optimizer sees the same
-    initial weights and the same batches in the same order."""
+    initial weights and the same batches in the same order.  `state_bits`: the optimizer's
+    (None: its default); `bf16`: bfloat16 parameters without master weights (stochastic
+    rounding), the loss computed in float32."""
     model = digits_model(data.n_features, data.n_classes, seed)
     model.load_state_dict(init_state)
-    opt = build_optimizer(entry, model.parameters(), lr, impl)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    model.to(dtype)
+    extra = {} if state_bits is None else {"state_bits": state_bits}
+    if bf16:
+        extra["master_weights"] = False
+    opt = build_optimizer(entry, model.parameters(), lr, impl, **extra)
     lr = opt.param_groups[0]["lr"]
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    result = Result(entry.name, lr)
+    name = run_label(entry.name, state_bits, bf16)
+    result = Result(name, lr)
     n = len(data.x_train)
     steps_per_epoch = math.ceil(n / batch_size)
     step = 0
-    with progress(total=epochs * steps_per_epoch, desc=f"{entry.name:>10}", unit="step",
+    with progress(total=epochs * steps_per_epoch, desc=f"{name:>10}", unit="step",
                   leave=True) as bar:
         for epoch in range(1, epochs + 1):
             for index in batches(n, batch_size, generator):
-                loss = F.cross_entropy(model(data.x_train[index]), data.y_train[index])
+                loss = F.cross_entropy(model(data.x_train[index].to(dtype)).float(),
+                                       data.y_train[index])
                 opt.zero_grad()
                 loss.backward()
                 start = time.perf_counter()
@@ -101,7 +123,7 @@ def train(entry: registry.Entry, lr: float | None, data: Digits, init_state: dic
                 elapsed = time.perf_counter() - start
                 step += 1
                 value = loss.item()
-                result.rows.append({"optimizer": entry.name, "lr": lr, "epoch": epoch,
+                result.rows.append({"optimizer": name, "lr": lr, "epoch": epoch,
                                     "step": step, "train_loss": value,
                                     "step_time_ms": elapsed * 1e3, "val_loss": "",
                                     "val_accuracy": ""})
@@ -110,12 +132,26 @@ def train(entry: registry.Entry, lr: float | None, data: Digits, init_state: dic
                     result.diverged_at = step
                     bar.set_postfix_str(f"diverged at step {step}")
                     return result
-            val_loss, val_accuracy = evaluate(model, data.x_val, data.y_val)
+            val_loss, val_accuracy = evaluate(model, data.x_val.to(dtype), data.y_val)
             result.rows[-1]["val_loss"] = val_loss
             result.rows[-1]["val_accuracy"] = val_accuracy
             result.epoch_accuracy.append(val_accuracy)
             bar.set_postfix(loss=f"{value:.3f}", val_acc=f"{val_accuracy:.3f}")
     return result
+
+
+def parse_state_bits(text: str) -> list[int]:
+    from ..state_codecs import STATE_BITS
+    from .common import CLIError
+
+    found = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        if not item.isdigit() or int(item) not in STATE_BITS:
+            raise CLIError(f"--state-bits: {item!r} is not one of {', '.join(map(str, STATE_BITS))}")
+        found.append(int(item))
+    if not found:
+        raise CLIError("--state-bits: give at least one of 32, 16, 8, 4")
+    return found
 
 
 def table(results: list[Result], steps_per_epoch: int) -> str:
@@ -194,11 +230,13 @@ def run(args) -> int:
     for entry in entries:
         build_optimizer(entry, [torch.nn.Parameter(torch.zeros(1))], lrs.get(entry.name),
                         args.impl)
+    bits = [None] if args.state_bits is None else parse_state_bits(args.state_bits)
     steps_per_epoch = math.ceil(len(data.x_train) / args.batch_size)
     results = []
     for entry in entries:
-        results.append(train(entry, lrs.get(entry.name), data, init_state, args.epochs,
-                             args.batch_size, args.seed, args.impl))
+        for state_bits in bits:
+            results.append(train(entry, lrs.get(entry.name), data, init_state, args.epochs,
+                                 args.batch_size, args.seed, args.impl, state_bits, args.bf16))
     print(f"digits: {len(data.x_train)} training / {len(data.x_val)} validation images, "
           f"{args.epochs} epochs of {steps_per_epoch} steps, batch {args.batch_size}, "
           f"seed {args.seed}")

@@ -27,6 +27,7 @@ from torch._C._dynamo.eval_frame import get_eval_frame_callback
 from .. import precision
 from ..blocks.base import vectorised
 from ..distributed import begin_step as begin_distributed_step, sum_over_ranks
+from ..state_codecs import StateCodec, decoded, write_stochastic
 from ..tensorlist import ParamList, TensorList
 from .buckets import Bucket, as_real, make_buckets
 from .chain import Chain, Stage
@@ -117,16 +118,22 @@ def _plan(chain: Chain, path: Path, groups: list, state) -> list:
 # (when dynamo's frame callback is set): eagerly a disabled function's wrapper costs
 # microseconds a call, and they run per bucket.
 @torch.compiler.disable(recursive=False)
+#: State kept as the chain makes it (float32 state, no stochastic rounding).
+_AS_MADE = StateCodec(32, "nearest")
+
+
 def step(chain: Chain, path: Path, groups: Iterable[dict], state,
-         master_weights: bool = True) -> None:
-    """One optimizer step of `chain` over `groups` on `path`."""
+         master_weights: bool = True, codec: StateCodec | None = None) -> None:
+    """One optimizer step of `chain` over `groups` on `path`, its state stored by `codec`
+    (`optcraft.state_codecs`; None: as the chain makes it)."""
     eager = get_eval_frame_callback() is None  # (not under dynamo)
     plan = (_plan if eager else _DISABLED[_plan])(chain, path, list(groups), state)
     for stage in chain.stages:
         sums: dict[str, list] = {}
         for group, hyper, values, buckets in plan:
             for bucket in buckets:
-                run_bucket(path, stage, bucket, state, values, hyper, master_weights, sums)
+                run_bucket(path, stage, bucket, state, values, hyper, master_weights, sums,
+                           codec)
         if stage.all_block is not None:
             all_blocks = _all_block_stage if eager else _DISABLED[_all_block_stage]
             all_blocks(chain, stage, plan, sums, state)
@@ -142,23 +149,29 @@ def _all_block_stage(chain: Chain, stage: Stage, plan: list, sums: dict, state) 
 
 @torch.compiler.disable(recursive=False)
 def run_bucket(path: Path, stage: Stage, bucket: Bucket, state, group_values: dict, hyper: dict,
-               master_weights: bool, sums: dict) -> None:
+               master_weights: bool, sums: dict, codec: StateCodec | None = None) -> None:
     """A stage of the chain on one bucket, and the new state written back.  Half-precision
-    parameters run on their float32 master copies (see `optcraft.precision`), complex ones as
-    their real views; what the chain hands on (`transient`) is dropped, and what it sums over all
-    parameters (`summed`) is added to `sums`."""
+    parameters run on their float32 master copies (see `optcraft.precision`), or, without them
+    and with stochastic rounding, on float32 copies rounded back stochastically (see
+    `optcraft.state_codecs`); complex ones as their real views.  The stored state is decoded
+    before the chain and encoded after it by `codec`; what the chain hands on (`transient`) is
+    dropped, and what it sums over all parameters (`summed`) is added to `sums`."""
+    codec = codec or _AS_MADE
     eager = get_eval_frame_callback() is None  # (not under dynamo)
     inputs = _bucket_inputs if eager else _DISABLED[_bucket_inputs]
     outputs = _bucket_outputs if eager else _DISABLED[_bucket_outputs]
-    masters, params, values = inputs(bucket, state, group_values, master_weights)
+    masters, params, values = inputs(path, bucket, state, group_values, master_weights, codec)
     values = path.run(stage, bucket, params, values, hyper)
-    outputs(path, bucket, state, group_values, values, sums, masters)
+    outputs(path, bucket, state, group_values, values, sums, masters, master_weights, codec)
 
 
-def _bucket_inputs(bucket: Bucket, state, group_values: dict, master_weights: bool):
+def _bucket_inputs(path: Path, bucket: Bucket, state, group_values: dict, master_weights: bool,
+                   codec: StateCodec):
     masters = None
-    if precision.uses_master(bucket.params[0].dtype, master_weights):
-        masters = precision.masters_of(bucket.params, state)
+    with_master = precision.uses_master(bucket.params[0].dtype, master_weights)
+    if with_master or codec.stochastic_params(bucket.params[0].dtype, with_master):
+        masters = precision.masters_of(bucket.params, state) if with_master else \
+            precision.upcast(bucket.params)
         params = ParamList(masters, precision.upcast(bucket.grads))
     elif bucket.params[0].is_complex():  # (a bucket holds one dtype)
         params = ParamList([as_real(p) for p in bucket.params],
@@ -167,11 +180,12 @@ def _bucket_inputs(bucket: Bucket, state, group_values: dict, master_weights: bo
         params = ParamList(bucket.params, bucket.grads)
     values = {**group_values, **bucket.gather(state)}
     values.pop(precision.MASTER, None)
+    values = codec.decode(values, bucket.params, params.tensors[0].dtype, path.chain.kept)
     return masters, params, values
 
 
 def _bucket_outputs(path: Path, bucket: Bucket, state, group_values: dict, values: dict,
-                    sums: dict, masters) -> None:
+                    sums: dict, masters, master_weights: bool, codec: StateCodec) -> None:
     values.pop(precision.MASTER, None)
     for name in group_values:
         values.pop(name, None)
@@ -182,9 +196,14 @@ def _bucket_outputs(path: Path, bucket: Bucket, state, group_values: dict, value
         if value is not None:
             sums.setdefault(name, []).append(value)
     _unalias_new_state(bucket, values)
+    with_master = precision.uses_master(bucket.params[0].dtype, master_weights)
+    values = codec.encode(values, bucket.params, state, path.chain.kept,
+                          None if with_master else bucket.params[0].dtype)
     bucket.scatter(state, values)
-    if masters is not None:
+    if masters is not None and with_master:
         precision.write_back(bucket.params, masters)
+    elif masters is not None:
+        write_stochastic(bucket.params, masters)
 
 
 def _unalias_new_state(bucket: Bucket, values: dict) -> None:
@@ -222,11 +241,15 @@ _DISABLED = {fn: torch.compiler.disable(fn)
              for fn in (_plan, _all_block_stage, _bucket_inputs, _bucket_outputs)}
 
 
-def move_to_point(move, p: torch.Tensor, st: dict, values: dict, master_weights: bool) -> None:
+def move_to_point(move, p: torch.Tensor, st: dict, values: dict, master_weights: bool,
+                  rules: dict | None = None) -> None:
     """`move(params, **state_and_values)`, a block's `eval_point` function, on one parameter (its
-    float32 master where it has one, else its real view), then the master rounded back in."""
+    float32 master where it has one, else its real view), then the master rounded back in.  The
+    state it reads is decoded (`rules`: the chain's kept state, see `optcraft.state_codecs`)."""
     with_master = precision.uses_master(p.dtype, master_weights) and precision.MASTER in st
     target = st[precision.MASTER] if with_master else as_real(p)
+    if not p.is_complex():
+        st = decoded(st, p, target.dtype, rules or {})
     own = {k: TensorList([as_real(v)]) if isinstance(v, torch.Tensor) else v
            for k, v in st.items() if k != precision.MASTER}
     move(ParamList([target], [None]), **{**values, **own})
