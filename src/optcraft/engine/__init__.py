@@ -110,6 +110,10 @@ def _plan(chain: Chain, path: Path, groups: list, state) -> list:
     return plan
 
 
+#: State kept as the chain makes it (float32 state, no stochastic rounding).
+_AS_MADE = StateCodec(32, "nearest")
+
+
 # Under `torch.compile` of a user's function (dynamo), a step's bookkeeping (buckets, state
 # dicts, group dicts) runs in Python, outside the graph (`torch.compiler.disable`), and dynamo
 # traces only the chain's arithmetic on each bucket (`Path.run`): `step` and `run_bucket` are
@@ -118,10 +122,6 @@ def _plan(chain: Chain, path: Path, groups: list, state) -> list:
 # (when dynamo's frame callback is set): eagerly a disabled function's wrapper costs
 # microseconds a call, and they run per bucket.
 @torch.compiler.disable(recursive=False)
-#: State kept as the chain makes it (float32 state, no stochastic rounding).
-_AS_MADE = StateCodec(32, "nearest")
-
-
 def step(chain: Chain, path: Path, groups: Iterable[dict], state,
          master_weights: bool = True, codec: StateCodec | None = None) -> None:
     """One optimizer step of `chain` over `groups` on `path`, its state stored by `codec`
