@@ -66,7 +66,8 @@ class Entry:
             from .predicates import by_ndim
             from .routing import part, route
 
-            execution = {k: kwargs.pop(k) for k in EXECUTION_KEYWORDS if k in kwargs}
+            execution = {k: kwargs.pop(k) for k in (*EXECUTION_KEYWORDS, "state_bits", "rounding")
+                         if k in kwargs}
             return route(params, part(self.factory, where=by_ndim(2), lr=lr, **kwargs),
                          part(classic.Adam, lr=lr), **execution)
         return self.factory(params, lr=lr, **kwargs)

@@ -55,9 +55,11 @@ def part(recipe: Callable, where: Callable | None = None, name: str | None = Non
     return Part(recipe, where, name, **hypers)
 
 
-def route(params, *parts: Part, impl: str = "auto", master_weights: bool = True) -> Optimizer:
+def route(params, *parts: Part, impl: str = "auto", master_weights: bool = True,
+          state_bits: int | None = None, rounding: str | None = None) -> Optimizer:
     """One optimizer running each part's chain on the parameters routed to it (see the module
-    docstring)."""
+    docstring); `impl`, `master_weights`, `state_bits` and `rounding` are the whole optimizer's
+    (see `optcraft.Optimizer`)."""
     if not parts or not all(isinstance(p, Part) for p in parts):
         raise TypeError("route: give the parameters, then one or more oc.part(recipe, where=...)")
     names = [p.name for p in parts]
@@ -99,7 +101,9 @@ def route(params, *parts: Part, impl: str = "auto", master_weights: bool = True)
             all_groups.append({**g, "chain": name})
     if not all_groups:
         raise ValueError("route: no parameters")
-    opt = Optimizer(all_groups, chains, impl=impl, master_weights=master_weights)
+    storage = {k: v for k, v in (("state_bits", state_bits), ("rounding", rounding))
+               if v is not None}
+    opt = Optimizer(all_groups, chains, impl=impl, master_weights=master_weights, **storage)
     opt.fixed_args, opt.recipe_name = fixed, "route"
     return opt
 

@@ -127,8 +127,15 @@ def step(chain: Chain, path: Path, groups: Iterable[dict], state,
     """One optimizer step of `chain` over `groups` on `path`, its state stored by `codec`
     (`optcraft.state_codecs`; None: as the chain makes it)."""
     eager = get_eval_frame_callback() is None  # (not under dynamo)
-    plan = (_plan if eager else _DISABLED[_plan])(chain, path, list(groups), state)
-    for stage in chain.stages:
+    groups = list(groups)
+    plan = (_plan if eager else _DISABLED[_plan])(chain, path, groups, state)
+    for i, stage in enumerate(chain.stages):
+        if i > 0:
+            # The stage before made state: parameters whose state now differs (a tensor stored
+            # quantised beside one kept in float32) no longer share a bucket.
+            again = rebucket if eager else _DISABLED[rebucket]
+            plan = [(group, hyper, values, again(path, group, state))
+                    for group, hyper, values, _ in plan]
         sums: dict[str, list] = {}
         for group, hyper, values, buckets in plan:
             for bucket in buckets:
@@ -137,6 +144,10 @@ def step(chain: Chain, path: Path, groups: Iterable[dict], state,
         if stage.all_block is not None:
             all_blocks = _all_block_stage if eager else _DISABLED[_all_block_stage]
             all_blocks(chain, stage, plan, sums, state)
+
+
+def rebucket(path: Path, group: dict, state) -> list:
+    return path.buckets(group["params"], state)
 
 
 def _all_block_stage(chain: Chain, stage: Stage, plan: list, sums: dict, state) -> None:
@@ -238,7 +249,7 @@ def _run_all_block(chain: Chain, cb, group: dict, hyper: dict, values: dict, tot
 
 
 _DISABLED = {fn: torch.compiler.disable(fn)
-             for fn in (_plan, _all_block_stage, _bucket_inputs, _bucket_outputs)}
+             for fn in (_plan, rebucket, _all_block_stage, _bucket_inputs, _bucket_outputs)}
 
 
 def move_to_point(move, p: torch.Tensor, st: dict, values: dict, master_weights: bool,

@@ -98,7 +98,7 @@ _adan.__wrapped__.__name__ = "Adan"
 
 def Adan(params, lr=1e-3, betas=(0.02, 0.08, 0.01), eps=1e-8, weight_decay=0.0,
          first_step_moments=True, cautious=False, impl="auto", master_weights=True, *,
-         wd=None):
+         wd=None, **storage):
     """Adan (Xie et al., 2022, "Adan: Adaptive Nesterov Momentum Algorithm for Faster Optimizing
     Deep Models", arXiv:2208.06677), with the `adan-pytorch` package's names and conventions and
     the algorithm of the paper and the authors' code (sail-sg/Adan):
@@ -114,7 +114,8 @@ def Adan(params, lr=1e-3, betas=(0.02, 0.08, 0.01), eps=1e-8, weight_decay=0.0,
     `first_step_moments=False` reproduces the package, which skips the moment updates at a
     parameter's first step (a defect: the first step then moves nothing but the decay, and the
     bias corrections count a step the moments never saw).  The package's `restart_cond` is not
-    supported.  `cautious=True` masks the update where it disagrees with g."""
+    supported.  `cautious=True` masks the update where it disagrees with g.  `state_bits` and
+    `rounding` (`**storage`) are every named optimizer's (see `optcraft.state_codecs`)."""
     if wd is not None:
         if weight_decay:
             raise ValueError("Adan: both 'weight_decay' (torch's name) and 'wd' were given; they "
@@ -123,7 +124,7 @@ def Adan(params, lr=1e-3, betas=(0.02, 0.08, 0.01), eps=1e-8, weight_decay=0.0,
     b1, b2, b3 = betas
     return _adan(params, lr=lr, mom=1 - b1, diff_mom=1 - b2, sqr_mom=1 - b3, eps=eps,
                  wd=weight_decay, first_step_moments=first_step_moments, cautious=cautious,
-                 impl=impl, master_weights=master_weights)
+                 impl=impl, master_weights=master_weights, **storage)
 
 
 @torch_names
