@@ -228,9 +228,10 @@ def _unalias_new_state(bucket: Bucket, values: dict) -> None:
     inputs = {t.data_ptr() for t in (*bucket.grads, *bucket.params)}
     for key in new:
         value = values[key]
-        if any(t.data_ptr() in inputs for t in value.tensors):
-            values[key] = TensorList([t.clone() if t.data_ptr() in inputs else t
-                                      for t in value.tensors])
+        # (a TensorList may hold None for the tensors an entry is not kept for: Adafactor's)
+        if any(t is not None and t.data_ptr() in inputs for t in value.tensors):
+            values[key] = TensorList([t.clone() if t is not None and t.data_ptr() in inputs
+                                      else t for t in value.tensors])
 
 
 def _run_all_block(chain: Chain, cb, group: dict, hyper: dict, values: dict, totals: dict,
