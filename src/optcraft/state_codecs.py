@@ -249,6 +249,14 @@ def encoded_length(numel: int, bits: int) -> tuple[int, int]:
     return blocks * BLOCK[bits] * bits // 8, blocks
 
 
+def _first(value) -> torch.Tensor | None:
+    """The first tensor of a state entry's TensorList (an entry kept for some tensors of a bucket
+    only holds None for the others: Adafactor's, SOAP's), or None."""
+    if not isinstance(value, TensorList):
+        return None
+    return next((t for t in value.tensors if t is not None), None)
+
+
 class StateCodec:
     """The storage of one optimizer's state: `state_bits`, `rounding` (see the module
     docstring) and `min_numel`."""
@@ -296,9 +304,10 @@ class StateCodec:
         if dtype not in LOW_PRECISION:
             for name, rule in rules.items():
                 value = values.get(name)
-                if isinstance(value, TensorList) and value.tensors and rule.like_param and \
-                        value.tensors[0].dtype in LOW_PRECISION:
-                    values[name] = TensorList([t.to(dtype) for t in value.tensors])
+                first = _first(value)
+                if first is not None and rule.like_param and first.dtype in LOW_PRECISION:
+                    values[name] = TensorList([t if t is None else t.to(dtype)
+                                               for t in value.tensors])
         return values
 
     def encode(self, values: dict, params: list, state, rules: Mapping, stored: torch.dtype | None):
@@ -310,8 +319,9 @@ class StateCodec:
             return values
         for name, rule in rules.items():
             value = values.get(name)
-            if not isinstance(value, TensorList) or not self.encodes(params[0], rule) or \
-                    not value.tensors or not value.tensors[0].is_floating_point():
+            first = _first(value)
+            if first is None or not self.encodes(params[0], rule) or \
+                    not first.is_floating_point() or any(t is None for t in value.tensors):
                 continue
             for p, t in zip(params, value.tensors):
                 _store(state[p], name, t, self.format_for(p, rule), stored, self)
@@ -326,9 +336,8 @@ class StateCodec:
         if stored is None:
             return True
         for name in rules:
-            value = values.get(name)
-            if isinstance(value, TensorList) and value.tensors and \
-                    value.tensors[0].is_floating_point() and value.tensors[0].dtype != stored:
+            first = _first(values.get(name))
+            if first is not None and first.is_floating_point() and first.dtype != stored:
                 return False
         return True
 
