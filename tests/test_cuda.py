@@ -56,6 +56,16 @@ def test_cuda_paths_give_the_cpu_reference_numbers(name, impl):
                 assert got == v, k
 
 
+def step_without_waiting(opt) -> None:
+    """One step under `set_sync_debug_mode("error")`: a host-device synchronisation raises."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name,impl", [("Adam", "auto"), ("Adam", "foreach"), ("Adam", "compiled"),
                                        ("Lamb", "foreach"), ("Lamb", "compiled")])
@@ -67,12 +77,7 @@ def test_cuda_step_never_waits_for_the_device(name, impl):
         for p in params:
             p.grad = torch.ones_like(p)
         opt.step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        opt.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    step_without_waiting(opt)
 
 
 @pytest.mark.slow
@@ -89,12 +94,7 @@ def test_cuda_step_with_a_tensor_lr_never_waits_for_the_device(name, impl):
         for p in params:
             p.grad = torch.ones_like(p)
         opt.step()
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        opt.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    step_without_waiting(opt)
 
 
 @pytest.mark.slow
