@@ -329,7 +329,7 @@ def _given(p, result, **kwargs):
 
 
 class Untraceable(Exception):
-    """The chain cannot be one graph: its Python needs a tensor's value (see `CompiledChain`)."""
+    """The chain cannot be one graph: its Python needs a tensor's value (see `CompiledPath`)."""
 
 
 class TracedStep:
