@@ -506,23 +506,33 @@ def mul(a, b):
 
 
 def minimum(a, b):
-    """Elementwise minimum of numbers, 0-d tensors or TensorLists."""
+    """Elementwise minimum of numbers, 0-d tensors or TensorLists.  A tensor and a number give a
+    tensor of the tensor's dtype (the number never becomes a float32 tensor first)."""
     if isinstance(a, TensorList):
         return a.minimum(b)
     if isinstance(b, TensorList):
         return b.minimum(a)
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return torch.minimum(a, b)
+    if isinstance(a, torch.Tensor):
+        return a.clamp_max(b)
+    if isinstance(b, torch.Tensor):
+        return b.clamp_max(a)
     return min(a, b)
 
 
 def maximum(a, b):
+    """Elementwise maximum, as `minimum`."""
     if isinstance(a, TensorList):
         return a.maximum(b)
     if isinstance(b, TensorList):
         return b.maximum(a)
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return torch.maximum(torch.as_tensor(a), torch.as_tensor(b))
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return torch.maximum(a, b)
+    if isinstance(a, torch.Tensor):
+        return a.clamp_min(b)
+    if isinstance(b, torch.Tensor):
+        return b.clamp_min(a)
     return max(a, b)
 
 

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ..tensorlist import TensorList, maximum, sqrt, where
+from ..tensorlist import TensorList, maximum, minimum, sqrt, where
 from .base import block, group, is_zero, like_param, optional, shaped, summed, transient
 
 
@@ -236,28 +236,6 @@ def prodigy_stats_sliced(p, slice_p, lr, mom, sqr_mom, beta3, eps, wd, decouple,
                           safeguard_warmup=safeguard_warmup, d0=d0, slice_p=slice_p, **kwargs)
 
 
-def _at_least(a, b):
-    """max(a, b) for numbers and 0-d tensors, a tensor's dtype kept (a number never becomes a
-    float32 tensor first)."""
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return torch.maximum(a, b)
-    if isinstance(a, torch.Tensor):
-        return a.clamp_min(b)
-    if isinstance(b, torch.Tensor):
-        return b.clamp_min(a)
-    return max(a, b)
-
-
-def _at_most(a, b):
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return torch.minimum(a, b)
-    if isinstance(a, torch.Tensor):
-        return a.clamp_max(b)
-    if isinstance(b, torch.Tensor):
-        return b.clamp_max(a)
-    return min(a, b)
-
-
 @block(static=("beta3", "use_bias_correction"),
        state=dict(d=group(None), d_max=group(None), d_numerator=group(0.0), k=group(0),
                   dlr=transient),
@@ -279,10 +257,10 @@ def prodigy_d(p, lr, mom, sqr_mom, beta3, use_bias_correction, d0, d_coef, growt
     dlr = _dlr(d, lr, k, mom, sqr_mom, use_bias_correction)
     numerator = d_numerator * beta3 + (d / d0) * dlr * prodigy_dot
     d_hat = d_coef * numerator / prodigy_s
-    new_d = _at_least(d_hat, d) if not isinstance(d, torch.Tensor) else \
-        torch.where(d == d0, _at_least(d_hat, d), d)
-    new_d_max = _at_least(d_hat, d_max)
-    new_d = _at_most(new_d_max, new_d * growth_rate)
+    new_d = maximum(d_hat, d) if not isinstance(d, torch.Tensor) else \
+        torch.where(d == d0, maximum(d_hat, d), d)
+    new_d_max = maximum(d_hat, d_max)
+    new_d = minimum(new_d_max, new_d * growth_rate)
     progress = prodigy_s != 0
     return dict(d=torch.where(progress, new_d, d), d_max=torch.where(progress, new_d_max, d_max),
                 d_numerator=torch.where(progress, numerator, d_numerator), k=k + 1,
