@@ -253,6 +253,19 @@ def test_checkpoint_taken_in_eval_mode_still_matches_the_package():
     assert_params_close(ours, theirs)
 
 
+def step_together(ref, opt, theirs, ours, steps: int, **close) -> None:
+    """`steps` steps of the package's optimizer and ours on the same gradients; with `close`
+    (tolerances), the parameters compared after every step."""
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for i in range(steps):
+        set_grads(theirs, i, g1)
+        set_grads(ours, i, g2)
+        ref.step()
+        opt.step()
+        if close:
+            assert_params_close(ours, theirs, **close)
+
+
 # ---- the compiled path ---------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -267,13 +280,7 @@ def test_compiled_path_matches_the_reference_package(name, monkeypatch):
     opt = make_ours(groups_of(ours, our_second or second), "compiled")
     if has_eval:
         ref.train()
-    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    for i in range(20):
-        set_grads(theirs, i, g1)
-        set_grads(ours, i, g2)
-        ref.step()
-        opt.step()
-        assert_params_close(ours, theirs, rtol=1e-9, atol=1e-11)
+    step_together(ref, opt, theirs, ours, 20, rtol=1e-9, atol=1e-11)
     assert opt.path.compiles > 0
     assert read_back == []  # the group's numbers are not read back from the graphs
     if has_eval:
@@ -296,12 +303,7 @@ def test_do_wd_false_is_the_package_without_weight_decay_for_that_parameter(name
     opt.state[ours[1]]["do_wd"] = False
     if has_eval:
         ref.train()
-    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    for i in range(20):
-        set_grads(theirs, i, g1)
-        set_grads(ours, i, g2)
-        ref.step()
-        opt.step()
+    step_together(ref, opt, theirs, ours, 20)
     if has_eval:
         ref.eval()
         opt.eval()
