@@ -300,20 +300,17 @@ def torch_names(recipe):
         if params is not None and not isinstance(params, (torch.Tensor, dict)):
             params = bound.arguments[first] = list(params)  # read twice: a generator would not be
             groups = [g for g in params if isinstance(g, dict)]
-        fixed = None
-        if groups:
-            fixed = _fixed_arguments(recipe, signature, bound)
-            for i, group in enumerate(groups):
-                for k, v in canonical_names(group, f"parameter group {i}: ").items():
-                    if k in fixed and not same_value(v, fixed[k]):
-                        raise ValueError(fixed_message(recipe.__name__, k, f"parameter group {i}"))
         opt = recipe(*bound.args, **bound.kwargs)
         inner = _inner(opt)
         if hasattr(inner, "chains"):
-            hypers = {k for g in inner.param_groups for k in g}
-            inner.fixed_args = fixed if fixed is not None else \
-                {k: v for k, v in _arguments(signature, bound).items() if k not in hypers}
+            # the recipe's arguments that did not become hyperparameters chose the chain
+            inner.fixed_args = {k: v for k, v in _arguments(signature, bound).items()
+                                if k not in inner._hyper_names}
             inner.recipe_name = recipe.__name__
+            for i, group in enumerate(groups):
+                for k, v in canonical_names(group, f"parameter group {i}: ").items():
+                    if k in inner.fixed_args and not same_value(v, inner.fixed_args[k]):
+                        raise ValueError(fixed_message(recipe.__name__, k, f"parameter group {i}"))
         if stored_as:
             from .state_codecs import configure
             configure(opt, **stored_as)
@@ -337,17 +334,6 @@ def _arguments(signature, bound) -> dict:
     return {name: bound.arguments[name] for name, param in list(signature.parameters.items())[1:]
             if name not in EXECUTION_KEYWORDS and param.kind not in variadic
             and name in bound.arguments}
-
-
-def _fixed_arguments(recipe, signature, bound) -> dict:
-    """The arguments a recipe turns into its chain rather than into hyperparameters: those not
-    found in the param groups of the optimizer it builds (on a probe parameter, with the same
-    arguments)."""
-    probe = signature.bind_partial(*bound.args, **bound.kwargs)
-    probe.arguments[next(iter(signature.parameters))] = [torch.zeros(1, requires_grad=True)]
-    inner = _inner(recipe(*probe.args, **probe.kwargs))
-    hypers = {k for g in inner.param_groups for k in g}
-    return {k: v for k, v in _arguments(signature, bound).items() if k not in hypers}
 
 
 def same_value(a, b) -> bool:

@@ -168,6 +168,10 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
         for i, group in enumerate(groups):
             self._check_chain_name(group, i)
         overrides = hp.canonical_names(defaults)
+        # The names given as hyperparameters (keywords, the blocks' defaults): a named recipe's
+        # other arguments chose the chain (`hypers.torch_names`).
+        self._hyper_names = frozenset(overrides).union(
+            *(chain.defaults for chain in self.chains.values()))
         self._check_names(overrides)
         per_group = {k: hp.spread(k, v, len(groups)) for k, v in overrides.items()}
         for i, group in enumerate(groups):
