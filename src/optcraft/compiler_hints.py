@@ -15,11 +15,18 @@ these when `compiling()` is true; blocks never do (an algorithm knows no executi
 * `log1p_exp`: the softplus without inductor's threshold, and its logarithm a polynomial.
 * `after_channel_reduction`: the graph ends after a per-channel reduction (torch 2.13's CPU code
   generation fails on one graph that holds it and the elementwise code using it).
+
+Under a user's `torch.compile` (dynamo), an optimizer step is one operation of the user's graph,
+`optcraft::step` (`step_as_one_operation`): dynamo does not trace the step's bookkeeping, which
+is host Python over dicts; the operation runs the step as it runs eagerly, on the optimizer's path
+(`impl="compiled"` compiles its arithmetic).
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import weakref
+from typing import Optional
 
 import torch
 
@@ -228,3 +235,61 @@ def log1p_unit(e: torch.Tensor, via_log: bool = False) -> torch.Tensor:
             acc = acc * e + c
         return e * acc
     return torch.log(1 + e) if via_log else torch.log1p(e)
+
+
+# ---- an optimizer step in a user's compiled graph ----------------------------------------------
+#: The optimizers a compiled graph can step, by `id` (registered when made or unpickled).
+_STEPPERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def register_for_compile(opt) -> None:
+    """Make `opt` steppable from a compiled graph (`step_as_one_operation`)."""
+    _STEPPERS[id(opt)] = opt
+
+
+# The parameters and gradients are the operation's arguments, both written in place (a block may
+# change the gradient, fastai's `l2_reg`), so that the graph orders the step after the
+# gradients are made and before anything reads the parameters; the optimizer's state is its own.
+# The operation runs host Python (schedules, step counts), which a CUDA graph cannot replay:
+# inductor's CUDA graphs (mode="reduce-overhead") leave it out.
+@torch.library.custom_op("optcraft::step", mutates_args=("params", "grads"),
+                         tags=(torch.Tag.cudagraph_unsafe,)
+                         if hasattr(torch.Tag, "cudagraph_unsafe") else ())
+def _step(optimizer: int, params: list[torch.Tensor],
+          grads: list[Optional[torch.Tensor]]) -> None:
+    opt = _STEPPERS.get(optimizer)
+    if opt is None:
+        raise RuntimeError("optcraft::step: the optimizer this compiled graph steps no longer "
+                           "exists (a graph compiled for one optimizer steps only that one)")
+    # The arguments are the parameters and gradients as the graph has them. A graph that does
+    # not write its inputs in place (functionalised, e.g. the "aot_eager" backend) passes
+    # copies, and writes them into the parameters after the graph: the step then runs on the
+    # graph's values and leaves its results in the copies.
+    real = [p for group in opt._groups() for p in group["params"]]
+    copies = [(p, a) for p, a in zip(real, params) if a.data_ptr() != p.data_ptr()]
+    swapped = [(p, p.grad, g) for p, g in zip(real, grads)
+               if g is not None and (p.grad is None or g.data_ptr() != p.grad.data_ptr())]
+    with torch.no_grad():
+        for p, a in copies:
+            p.copy_(a)
+    for p, _, g in swapped:
+        p.grad = g
+    try:
+        opt._step()
+    finally:
+        for p, old, _ in swapped:
+            p.grad = old
+    with torch.no_grad():
+        for p, a in copies:
+            a.copy_(p)
+
+
+@_step.register_fake
+def _(optimizer, params, grads) -> None:
+    return None
+
+
+def step_as_one_operation(opt, params: list) -> None:
+    """Under dynamo: `opt._step()` as one operation of the graph being traced, over `params`
+    (every parameter of the optimizer)."""
+    _step(id(opt), params, [p.grad for p in params])

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from . import engine, hypers as hp, state_codecs
+from . import compiler_hints as hints, engine, hypers as hp, state_codecs
 from .blocks.base import callback_name
 from .engine import Chain
 from .schedules import is_schedule
@@ -31,6 +31,32 @@ class _FastaiAPI:
         lists, hyps = self.param_lists[n], self.hypers[n]
         found = [(p, pg, self.state[p], h) for pg, h in zip(lists, hyps) for p in pg]
         return [o for o in found if o[0].grad is not None] if with_grad else found
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        """Run the chain on every parameter with a gradient; return the closure's loss.
+
+        Under `torch.compile` (dynamo) the step is one operation of the compiled graph, run as it
+        runs eagerly (see `compiler_hints.step_as_one_operation`)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if torch.compiler.is_compiling():
+            hints.step_as_one_operation(self, [p for g in self._groups() for p in g["params"]])
+        else:
+            self._step()
+        return loss
+
+    def _groups(self) -> list[dict]:
+        """`self.param_groups`, read so that dynamo can trace it: dynamo's view of a torch
+        optimizer's `param_groups` attribute takes each group for a plain dict, and ours answer
+        to torch's names too (`hypers.ParamGroup`)."""
+        return vars(self)["param_groups"]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        hints.register_for_compile(self)
 
     def _set_require_grad(self, rg, p, pg, state, h):
         p.requires_grad_(rg or bool(state.get("force_train", False)))
@@ -189,6 +215,7 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
             super().__init__(groups, hp.ParamGroup(last))
         finally:
             self._building = False
+        hints.register_for_compile(self)
 
     def _check_names(self, names) -> None:
         """ValueError, naming the nearest known name, for a hyperparameter no block of the chains
@@ -338,24 +365,13 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
             group[k] = written[k] = value
 
     @torch.no_grad()
-    @torch.compiler.disable(recursive=False)
-    def step(self, closure: Callable | None = None):
-        """Run the chain on every parameter with a gradient; return the closure's loss.
-
-        Under `torch.compile` (dynamo), the bookkeeping (schedules, checks, buckets) runs in
-        Python outside the graph and the chain's arithmetic on each bucket is traced (see
-        `optcraft.engine`)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _step(self) -> None:
+        """The step itself: the chain on every parameter with a gradient."""
         codec = self._codec()
         for chain, path, groups in self._begin_step():
             engine.step(chain, path, groups, self.state, self.master_weights, codec)
         self._end_step()
-        return loss
 
-    @torch.compiler.disable
     def _begin_step(self) -> list:
         """The host's part of a step before its arithmetic: the schedules' values written
         (all checked before any is), the groups checked, and each chain with its path and
@@ -371,7 +387,6 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
                 runs.append((chain, paths[name], groups))
         return runs
 
-    @torch.compiler.disable
     def _end_step(self) -> None:
         """The host's part of a step after its arithmetic: the step count schedules see, also
         kept in each group's state while schedules are set (see `_recorded_schedule_step`)."""
@@ -443,11 +458,10 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
             kept["train_mode"] = training
         return self
 
-    @torch.compiler.disable  # bookkeeping over the group dicts: in Python under torch.compile
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Zero every gradient in place (fastai's behaviour), or set them to None
         (`set_to_none=True`, torch's default)."""
-        for group in self.param_groups:
+        for group in self._groups():  # (traceable by dynamo: see `_groups`)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -518,7 +532,7 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         state["chains"] = _as_chains(state["chains"])
-        super().__setstate__(state)
+        super().__setstate__(state)  # (also registers it for compiled graphs)
         # torch adds this flag on unpickling; it is not a hyperparameter of ours.
         dict.pop(self.defaults, "differentiable", None)
 

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import hypers as hp, precision
+from . import compiler_hints as hints, hypers as hp, precision
 from .optimizer import _FastaiAPI
 from .tensorlist import TensorList
 
@@ -29,6 +29,7 @@ class _Delegating(_FastaiAPI, torch.optim.Optimizer):
                      "_optimizer_load_state_dict_post_hooks"):
             setattr(self, name, OrderedDict())
         self._patch_step_function()
+        hints.register_for_compile(self)
 
     # torch.optim.Optimizer.__init__ assigns these; here they are the inner optimizer's.
     @property
@@ -57,6 +58,10 @@ class _Delegating(_FastaiAPI, torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict) -> None:
         self.opt.add_param_group(param_group)
+
+    def _groups(self) -> list[dict]:
+        inner = self.opt
+        return inner._groups() if isinstance(inner, _FastaiAPI) else vars(inner)["param_groups"]
 
     def zero_grad(self, *args, **kwargs) -> None:
         self.opt.zero_grad(*args, **kwargs)
@@ -138,25 +143,15 @@ class Lookahead(_Delegating):
         for group, v in zip(self.param_groups, values):
             group[k] = v
 
-    @torch.compiler.disable(recursive=False)
-    def step(self, closure: Callable | None = None):
-        # Under torch.compile (dynamo) the bookkeeping and the synchronisation run in Python,
-        # the inner optimizer's arithmetic is traced (see `optcraft.engine`).
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        else:
-            loss = None
+    def _step(self) -> None:
         # Like torch.optim, a step in which no parameter has a gradient changes nothing.
         if not self._copy_missing_slow_weights():
-            return loss
+            return
         self.opt.step()
         self._count_step()
         if self.count % self.k == 0:
             self._synchronise()
-        return loss
 
-    @torch.compiler.disable
     def _count_step(self) -> None:
         self.count += 1
         for group in self.param_groups:
@@ -164,7 +159,6 @@ class Lookahead(_Delegating):
                 if "slow_weight" in self.state[p]:
                     self.state[p][COUNT] = self.count
 
-    @torch.compiler.disable
     @torch.no_grad()
     def _copy_missing_slow_weights(self) -> bool:
         """Start the slow weights of parameters seen with a gradient for the first time; return
@@ -187,7 +181,6 @@ class Lookahead(_Delegating):
                     self.state[p]["slow_weight"] = p.detach().to(dtype, copy=True)
         return any_grad
 
-    @torch.compiler.disable
     @torch.no_grad()
     def _synchronise(self) -> None:
         by_kind: dict[tuple, tuple[list, list, list]] = {}

@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import torch
-from torch._C._dynamo.eval_frame import get_eval_frame_callback
 
 from .. import precision
 from ..blocks.base import vectorised
@@ -114,27 +113,16 @@ def _plan(chain: Chain, path: Path, groups: list, state) -> list:
 _AS_MADE = StateCodec(32, "nearest")
 
 
-# Under `torch.compile` of a user's function (dynamo), a step's bookkeeping (buckets, state
-# dicts, group dicts) runs in Python, outside the graph (`torch.compiler.disable`), and dynamo
-# traces only the chain's arithmetic on each bucket (`Path.run`): `step` and `run_bucket` are
-# skipped by dynamo themselves (recursive=False) so that the calls they make are traced, the
-# bookkeeping helpers are skipped with everything they call (`_DISABLED`), under dynamo only
-# (when dynamo's frame callback is set): eagerly a disabled function's wrapper costs
-# microseconds a call, and they run per bucket.
-@torch.compiler.disable(recursive=False)
 def step(chain: Chain, path: Path, groups: Iterable[dict], state,
          master_weights: bool = True, codec: StateCodec | None = None) -> None:
     """One optimizer step of `chain` over `groups` on `path`, its state stored by `codec`
     (`optcraft.state_codecs`; None: as the chain makes it)."""
-    eager = get_eval_frame_callback() is None  # (not under dynamo)
-    groups = list(groups)
-    plan = (_plan if eager else _DISABLED[_plan])(chain, path, groups, state)
+    plan = _plan(chain, path, list(groups), state)
     for i, stage in enumerate(chain.stages):
         if i > 0:
             # The stage before made state: parameters whose state now differs (a tensor stored
             # quantised beside one kept in float32) no longer share a bucket.
-            again = rebucket if eager else _DISABLED[rebucket]
-            plan = [(group, hyper, values, again(path, group, state))
+            plan = [(group, hyper, values, path.buckets(group["params"], state))
                     for group, hyper, values, _ in plan]
         sums: dict[str, list] = {}
         for group, hyper, values, buckets in plan:
@@ -142,12 +130,7 @@ def step(chain: Chain, path: Path, groups: Iterable[dict], state,
                 run_bucket(path, stage, bucket, state, values, hyper, master_weights, sums,
                            codec)
         if stage.all_block is not None:
-            all_blocks = _all_block_stage if eager else _DISABLED[_all_block_stage]
-            all_blocks(chain, stage, plan, sums, state)
-
-
-def rebucket(path: Path, group: dict, state) -> list:
-    return path.buckets(group["params"], state)
+            _all_block_stage(chain, stage, plan, sums, state)
 
 
 def _all_block_stage(chain: Chain, stage: Stage, plan: list, sums: dict, state) -> None:
@@ -158,7 +141,6 @@ def _all_block_stage(chain: Chain, stage: Stage, plan: list, sums: dict, state) 
         _run_all_block(chain, stage.all_block, group, hyper, values, totals, state)
 
 
-@torch.compiler.disable(recursive=False)
 def run_bucket(path: Path, stage: Stage, bucket: Bucket, state, group_values: dict, hyper: dict,
                master_weights: bool, sums: dict, codec: StateCodec | None = None) -> None:
     """A stage of the chain on one bucket, and the new state written back.  Half-precision
@@ -168,12 +150,11 @@ def run_bucket(path: Path, stage: Stage, bucket: Bucket, state, group_values: di
     before the chain and encoded after it by `codec`; what the chain hands on (`transient`) is
     dropped, and what it sums over all parameters (`summed`) is added to `sums`."""
     codec = codec or _AS_MADE
-    eager = get_eval_frame_callback() is None  # (not under dynamo)
-    inputs = _bucket_inputs if eager else _DISABLED[_bucket_inputs]
-    outputs = _bucket_outputs if eager else _DISABLED[_bucket_outputs]
-    masters, params, values = inputs(path, bucket, state, group_values, master_weights, codec)
+    masters, params, values = _bucket_inputs(path, bucket, state, group_values, master_weights,
+                                             codec)
     values = path.run(stage, bucket, params, values, hyper)
-    outputs(path, bucket, state, group_values, values, sums, masters, master_weights, codec)
+    _bucket_outputs(path, bucket, state, group_values, values, sums, masters, master_weights,
+                    codec)
 
 
 def _bucket_inputs(path: Path, bucket: Bucket, state, group_values: dict, master_weights: bool,
@@ -247,10 +228,6 @@ def _run_all_block(chain: Chain, cb, group: dict, hyper: dict, values: dict, tot
         if name in chain.group_state:
             kept[name] = value
         values[name] = value
-
-
-_DISABLED = {fn: torch.compiler.disable(fn)
-             for fn in (_plan, rebucket, _all_block_stage, _bucket_inputs, _bucket_outputs)}
 
 
 def move_to_point(move, p: torch.Tensor, st: dict, values: dict, master_weights: bool,

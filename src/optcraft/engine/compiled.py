@@ -140,10 +140,6 @@ class CompiledPath(ForeachPath):
         return pieces
 
     def run(self, stage: Stage, bucket, params: ParamList, values: dict, hyper: dict) -> dict:
-        if torch.compiler.is_compiling():
-            # Under dynamo (a user's torch.compile): dynamo compiles the chain itself, as the
-            # foreach path writes it (`compiler_hints.compiling()` is true); no tracing of ours.
-            return super().run(stage, bucket, params, values, hyper)
         eager = functools.partial(super().run, stage, bucket, params, values, hyper)
         if all(_is_small(t) for t in params.tensors):
             return eager()  # small tensors: the foreach path (see `buckets`)

@@ -77,9 +77,7 @@ class FusedPath(ForeachPath):
     def run(self, stage: Stage, bucket, params: ParamList, values: dict, hyper: dict) -> dict:
         # DTensor (FSDP2's sharded parameters) has no sharding rule for `_fused_sgd_` (torch
         # 2.13): a sharded bucket runs the chain through foreach, which DTensor has.
-        # Under dynamo (a user's torch.compile) the chain is compiled as the foreach path writes
-        # it: torch's fused kernels have no fake implementation for a tensor lr (torch 2.13).
-        if torch.compiler.is_compiling() or distribution_of(bucket.params[0]) is not None or \
+        if distribution_of(bucket.params[0]) is not None or \
                 not layouts_match(params.tensors, params.grad.tensors, values):
             return super().run(stage, bucket, params, values, hyper)
         return {**values, **self.kernel(values, hyper, params.tensors, params.grad.tensors)}
