@@ -59,3 +59,71 @@ def test_the_check_catches_a_read():
     with pytest.raises(AssertionError, match="read a tensor's value"):
         with NoValueReads():
             torch.ones(()).item()
+
+
+class OperationLog(TorchDispatchMode):
+    """What a CUDA graph records of a step: each operation with its Python arguments, and its
+    tensors named by what they are (a parameter, a gradient, a state tensor, the lr: memory a
+    replay reads and writes again) or, for a temporary, by shape and dtype (a replay reuses the
+    capture's memory for it)."""
+
+    def __init__(self, persistent: dict):
+        super().__init__()
+        self.persistent, self.ops = persistent, []
+
+    def _name(self, a):
+        if isinstance(a, torch.Tensor):
+            return self.persistent.get(a.data_ptr(), ("temporary", tuple(a.shape), a.dtype))
+        if isinstance(a, (list, tuple)):
+            return tuple(self._name(x) for x in a)
+        return a
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace != "profiler":  # (torch's record_function around a step)
+            self.ops.append((func, self._name(args), self._name(tuple((kwargs or {}).items()))))
+        return func(*args, **(kwargs or {}))
+
+
+def _what_a_capture_records(opt, params, lr, steps=4):
+    """The operations of the last two of `steps` steps, as a CUDA graph would record them."""
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.zeros_like(p) for p in params]  # static gradients, as a capture needs
+    for p, gr in zip(params, grads):
+        p.grad = gr
+    logs = []
+    for i in range(steps):
+        for gr in grads:
+            gr.copy_(torch.randn(gr.shape, generator=g))
+        persistent = {lr.data_ptr(): "lr"}
+        for j, p in enumerate(params):
+            persistent[p.data_ptr()], persistent[p.grad.data_ptr()] = ("param", j), ("grad", j)
+            for k, v in opt.state[p].items():
+                if isinstance(v, torch.Tensor):
+                    persistent[v.data_ptr()] = (k, j)
+        with OperationLog(persistent) as log:
+            opt.step()
+        logs.append(log.ops)
+    return logs[-2], logs[-1]
+
+
+@pytest.mark.parametrize("impl", ["foreach", "auto"])
+@pytest.mark.parametrize("name,settings", [("SGD", {"mom": 0.9}), ("RMSProp", {}), ("Larc", {})])
+def test_a_capturable_step_repeats_the_same_operations(name, settings, impl):
+    """The chains tests/test_cuda.py captures in a CUDA graph: once their state exists, two steps
+    run the same operations, with the same Python numbers, on the same parameter, gradient, state
+    and lr memory (state updated in place), so a replay of one is the next.  (The CPU's view of
+    what the GPU test checks by replaying.)"""
+    params = _params()
+    lr = torch.tensor(0.01)
+    opt = registry.get(name).factory(params, lr=lr, impl=impl, **settings)
+    before, after = _what_a_capture_records(opt, params, lr)
+    assert before == after
+
+
+def test_a_step_count_in_python_is_not_capturable():
+    """Adam's bias correction is worked out from the step count in Python, so two steps differ in
+    their numbers (docs/integration.md: such chains are not captured)."""
+    params = _params()
+    lr = torch.tensor(0.01)
+    before, after = _what_a_capture_records(registry.get("Adam").make(params, lr=lr), params, lr)
+    assert [op for op, *_ in before] == [op for op, *_ in after] and before != after
