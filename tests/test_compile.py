@@ -187,3 +187,26 @@ def test_a_compiled_step_steps_its_own_optimizer_after_a_copy():
     compiled()
     torch.testing.assert_close([p.detach() for p in model.parameters()], before)
     assert all(not torch.equal(p, q) for p, q in zip(twin_model.parameters(), before))
+
+
+@pytest.mark.parametrize("settings", [{"state_bits": 8}, {"state_bits": 4},
+                                      {"state_bits": 16}],
+                         ids=lambda s: "-".join(f"{k}{v}" for k, v in s.items()))
+def test_low_bit_state_under_torch_compile(settings):
+    """Quantised state (optcraft.state_codecs) in a compiled step: the eager run's numbers and
+    its codes."""
+    made = []
+    for _ in range(2):
+        model = _model()
+        made.append((model, registry.get("Adam").make(model.parameters(), lr=0.01, **settings)))
+    (model, opt), (ref_model, ref_opt) = made
+    compiled = torch.compile(opt.step, fullgraph=True, backend="eager")
+    torch.manual_seed(3)  # (the same random numbers for stochastic rounding)
+    _steps(opt, model, compiled, n=3)
+    torch.manual_seed(3)
+    _steps(ref_opt, ref_model, ref_opt.step, n=3)
+    torch.testing.assert_close(list(model.parameters()), list(ref_model.parameters()))
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        for k, v in ref_opt.state[q].items():
+            got = opt.state[p][k]
+            assert torch.equal(got, v) if isinstance(v, torch.Tensor) else got == v
