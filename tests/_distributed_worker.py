@@ -140,13 +140,10 @@ if os.environ.get("OPTCRAFT_DISTRIBUTED_ONLY"):
 #: Optimizers given two parameter groups, those their first part takes then the rest (see
 #: `param_groups`).
 SPLIT = {"Muon+Adam": _is_matrix, "SOAP+Adam": _is_wide_matrix}
-#: Optimizers a scenario does not run: under ZeroRedundancyOptimizer each rank's optimizer holds
-#: a partition of the parameters, so a sum over every parameter would need a collective that
-#: the optimizer cannot know to make (docs/integration.md).
-#: Under FSDP2, Prodigy's sums over every parameter came out wrong in some runs (deterministic
-#: for a given process history, and changed by unrelated work run before it in the process; on
-#: 4 ranks its `d` differed between ranks); the cause is not found (docs/integration.md).
-NOT_UNDER = {"zero": {"AdaGradNorm", "Prodigy"}, "fsdp": {"Prodigy"}}
+#: Optimizers with sums over every parameter: under ZeroRedundancyOptimizer each rank's optimizer
+#: holds a partition of the parameters, and `optcraft.distributed.partitioned` makes it add its
+#: sums over the ranks (docs/integration.md).
+PARTITIONED = {"AdaGradNorm", "Prodigy"}
 
 
 def make_model(seed: int = 0) -> nn.Sequential:
@@ -232,7 +229,7 @@ def train_transformed(model, opt, rows: slice = slice(None), rank: int | None = 
         opt.zero_grad(set_to_none=True)
         nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
         if step == NONFINITE_STEP:
-            grad = dict(model.named_parameters())[name].grad
+            grad = dict(getattr(model, "module", model).named_parameters())[name].grad  # (DDP's)
             if rank is None:
                 grad[row, col] = float("inf")
             else:
@@ -280,11 +277,21 @@ def _zero(rank: int, out_dir: Path) -> dict:
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    result = {}
+    # The whole-model transforms around ZeRO (every rank holds every gradient under DDP), over
+    # AdaGrad-Norm (a sum over every parameter) built by `partitioned`.
+    model = DDP(make_model())
+    opt = oc.Transformed(
+        ZeroRedundancyOptimizer(model.parameters(),
+                                optimizer_class=oc_distributed.partitioned(adagrad_norm),
+                                lr=0.05),
+        oc.skip_nonfinite(), oc.clip_by_global_norm(MAX_NORM))
+    train_transformed(model, opt, _rows(rank))
+    result = {"transformed": {"params": _full(model.parameters()),
+                              "skips": opt.transforms[0].skips}}
     for name in OPTIMIZERS:
-        if name in NOT_UNDER["zero"]:
-            continue
         cls, kwargs = OPTIMIZERS[name]
+        if name in PARTITIONED:
+            cls = oc_distributed.partitioned(cls)
         model = DDP(make_model())
         opt = ZeroRedundancyOptimizer(param_groups(name, model.parameters()),
                                       optimizer_class=cls, **kwargs)
@@ -327,6 +334,41 @@ def _sharded_model(seed: int = 0) -> nn.Module:
     return fully_shard(model)
 
 
+def _sums_in_rank_order(rank: int, mesh) -> dict:
+    """`sum_over_ranks` on two pending sums (`Partial` DTensors: rank r holds `partial_values`),
+    given in a different order on each rank, as a chain's set of names can come in any order (a
+    set's order changes with the process's hash seed)."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    values = partial_values(rank)
+    sums = {name: [oc.TensorList([DTensor.from_local(v, mesh, [Partial()]) for v in vs])]
+            for name, vs in values.items()}
+    if rank % 2:
+        sums = dict(reversed(sums.items()))
+    return {k: v.clone() for k, v in oc_distributed.sum_over_ranks(sums).items()}
+
+
+def partial_values(rank: int) -> dict:
+    """Rank `rank`'s parts of two sums over every parameter, `a` and `b`, of three tensors each."""
+    g = torch.Generator().manual_seed(PARTIAL_SEED + 100 + rank)
+    return {name: list(torch.randn(3, generator=g, dtype=DTYPE).unbind(0)) for name in "ab"}
+
+
+#: torch's fused optimizer kernels (what the `fused` path calls).
+FUSED_KERNELS = ("_fused_adam_", "_fused_adamw_", "_fused_sgd_", "_fused_adagrad_")
+
+
+def _counting(kernel, counts: dict):
+    """`kernel`, counting in `counts` the parameters it is given and how many are DTensors."""
+    from torch.distributed.tensor import DTensor
+
+    def counted(params, *args, **kwargs):
+        counts["tensors"] += len(params)
+        counts["dtensors"] += sum(isinstance(p, DTensor) for p in params)
+        return kernel(params, *args, **kwargs)
+    return counted
+
+
 def _fsdp(rank: int, out_dir: Path) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
@@ -355,7 +397,8 @@ def _fsdp(rank: int, out_dir: Path) -> dict:
                              "grad_rms": _full(params.grad.rms()),
                              "norm_1": _full(params.norm(1)),
                              "norm_inf": _full(params.norm(float("inf"))),
-                             "mixed_norm": _full(mixed.norm())}}
+                             "mixed_norm": _full(mixed.norm())},
+              "sums": _sums_in_rank_order(rank, mesh)}
     # skip_nonfinite and clip_by_global_norm see every gradient: on shards, the decision to skip
     # and the norm must be those of the whole model (and the same on every rank).
     model = _sharded_model()
@@ -374,15 +417,20 @@ def _fsdp(rank: int, out_dir: Path) -> dict:
         orthogonalised.append([tuple(m.shape) for m in matrices])
         return newton_schulz(matrices, *args, **kwargs)
     matrix_blocks.newton_schulz = counting_newton_schulz
+    # torch's fused kernels run on the local shards: count the tensors they are given, and
+    # those that are DTensors (the kernels have no DTensor rule).
+    fused = {"tensors": 0, "dtensors": 0}
+    for kernel in FUSED_KERNELS:
+        setattr(torch, kernel, _counting(getattr(torch, kernel), fused))
     for name in OPTIMIZERS:
-        if name in NOT_UNDER.get("fsdp", ()):
-            continue
         model = _sharded_model()
         opt = make_optimizer(name, model.parameters())
         orthogonalised.clear()
         oc_distributed.reset_counters()
+        fused.update(tensors=0, dtensors=0)
         _train(model, opt, range(STEPS_BEFORE), _rows(rank))
-        work = {"newton_schulz": list(orthogonalised), **oc_distributed.counters}
+        work = {"newton_schulz": list(orthogonalised), **oc_distributed.counters,
+                "fused": dict(fused)}
 
         checkpoint = out_dir / f"fsdp-{name}"
         dcp.save({"model": get_model_state_dict(model),
@@ -412,8 +460,10 @@ def _fsdp(rank: int, out_dir: Path) -> dict:
 
 #: Resharded: the optimizers whose FSDP2 checkpoints (saved on `WORLD` ranks) are loaded on 4
 #: ranks (on 1 rank, all of them): group state (AdaGrad-Norm's accumulator, schedule-free's
-#: weight sum) and the whole-matrix blocks, whose owners and replicated state change.
-RESHARDED_ON_4 = ["AdaGradNorm", "Muon+Adam", "Adafactor", "SOAP+Adam", "AdamWScheduleFree"]
+#: weight sum, Prodigy's d and running sums) and the whole-matrix blocks, whose owners and
+#: replicated state change.
+RESHARDED_ON_4 = ["AdaGradNorm", "Muon+Adam", "Adafactor", "SOAP+Adam", "AdamWScheduleFree",
+                  "Prodigy"]
 
 
 def _resharded(rank: int, out_dir: Path) -> dict:
@@ -426,7 +476,7 @@ def _resharded(rank: int, out_dir: Path) -> dict:
         set_optimizer_state_dict)
 
     world = dist.get_world_size()
-    names = [n for n in OPTIMIZERS if n not in NOT_UNDER.get("fsdp", ())]
+    names = list(OPTIMIZERS)
     if world != 1:
         names = [n for n in names if n in RESHARDED_ON_4]
     result = {}

@@ -123,9 +123,12 @@ _AS_MADE = StateCodec(32, "nearest")
 # microseconds a call, and they run per bucket.
 @torch.compiler.disable(recursive=False)
 def step(chain: Chain, path: Path, groups: Iterable[dict], state,
-         master_weights: bool = True, codec: StateCodec | None = None) -> None:
+         master_weights: bool = True, codec: StateCodec | None = None,
+         partition_group=None) -> None:
     """One optimizer step of `chain` over `groups` on `path`, its state stored by `codec`
-    (`optcraft.state_codecs`; None: as the chain makes it)."""
+    (`optcraft.state_codecs`; None: as the chain makes it).  `partition_group`: the process
+    group whose ranks hold the other parameters (ZeroRedundancyOptimizer's partitions: see
+    `optcraft.distributed.partitioned`), over which sums over every parameter are also taken."""
     eager = get_eval_frame_callback() is None  # (not under dynamo)
     groups = list(groups)
     plan = (_plan if eager else _DISABLED[_plan])(chain, path, groups, state)
@@ -143,17 +146,16 @@ def step(chain: Chain, path: Path, groups: Iterable[dict], state,
                            codec)
         if stage.all_block is not None:
             all_blocks = _all_block_stage if eager else _DISABLED[_all_block_stage]
-            all_blocks(chain, stage, plan, sums, state)
+            all_blocks(chain, stage, plan, sums, state, partition_group)
 
 
 def rebucket(path: Path, group: dict, state) -> list:
     return path.buckets(group["params"], state)
 
 
-def _all_block_stage(chain: Chain, stage: Stage, plan: list, sums: dict, state) -> None:
-    totals = {k: sum_over_ranks(v) for k, v in sums.items()}
-    for name in chain.summed:
-        totals.setdefault(name, 0.0)
+def _all_block_stage(chain: Chain, stage: Stage, plan: list, sums: dict, state,
+                     partition_group=None) -> None:
+    totals = sum_over_ranks(sums, chain.summed, partition_group)
     for group, hyper, values, buckets in plan:
         _run_all_block(chain, stage.all_block, group, hyper, values, totals, state)
 
