@@ -131,6 +131,10 @@ OPTIMIZERS = {
     # sums over every parameter
     "AdamWScheduleFree": (oc.AdamWScheduleFree, dict(lr=0.01, wd=0.01)),
     "Prodigy": (oc.Prodigy, dict(lr=1.0, d0=1e-3, wd=0.01)),
+    # 8-bit state (issue 21 with the memory issue's codecs), on a wider model (`WIDE`): Adam's
+    # moments (a signed and an unsigned code map), Lion's momentum
+    "Adam-8bit": (oc.Adam, dict(lr=0.01, wd=0.01, state_bits=8)),
+    "Lion-8bit": (oc.Lion, dict(lr=1e-3, wd=0.1, state_bits=8)),
 }
 #: For debugging: OPTCRAFT_DISTRIBUTED_ONLY="SGD,Muon+Adam" runs only these (the spawned
 #: processes inherit the variable).
@@ -146,12 +150,25 @@ SPLIT = {"Muon+Adam": _is_matrix, "SOAP+Adam": _is_wide_matrix}
 PARTITIONED = {"AdaGradNorm", "Prodigy"}
 
 
-def make_model(seed: int = 0) -> nn.Sequential:
-    """A small MLP in float64.  Its first layer has 7 rows (FSDP2 shards them 4 + 3) and its last
-    one row, so rank 1's shard of the last weight and bias is empty."""
+def make_model(seed: int = 0, name: str | None = None) -> nn.Sequential:
+    """The model optimizer `name` trains (`WIDE`, or this one): a small MLP in float64.  Its
+    first layer has 7 rows (FSDP2 shards them 4 + 3) and its last one row, so rank 1's shard of
+    the last weight and bias is empty."""
     torch.manual_seed(seed)
+    if name in WIDE:
+        return nn.Sequential(nn.Linear(6, WIDE_ROWS), nn.Tanh(),
+                             nn.Linear(WIDE_ROWS, WIDE_COLS), nn.Tanh(),
+                             nn.Linear(WIDE_COLS, 1)).to(DTYPE)
     return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(),
                          nn.Linear(5, 1)).to(DTYPE)
+
+
+#: Optimizers that train a wider MLP: 8-bit state is block-wise quantised only from
+#: `state_codecs.MIN_NUMEL` elements (4096), in blocks of 256 elements of the whole flattened
+#: tensor.  Its middle weight, 100 x 64 (25 blocks), is sharded 50 + 50 rows on 2 ranks (12.5
+#: blocks each: block 12 straddles the ranks) and 25 x 4 on 4 ranks (6.25 blocks each).
+WIDE = {"Adam-8bit", "Lion-8bit"}
+WIDE_ROWS, WIDE_COLS = 64, 100
 
 
 def make_data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +192,7 @@ def param_groups(name: str, params) -> list:
 
 def param_names(name: str) -> list[list[str]]:
     """The model's parameter names, group by group, in the order optimizer `name` holds them."""
-    named = list(make_model().named_parameters())
+    named = list(make_model(name=name).named_parameters())
     ids = {id(p): n for n, p in named}
     groups = param_groups(name, [p for _, p in named])
     if not isinstance(groups[0], dict):
@@ -201,7 +218,7 @@ def _train(model, opt, steps: range, rows: slice = slice(None)):
 def train_single(name: str, steps: int = STEPS):
     """The single-process run on the whole batch: the parameters after `steps` steps (in
     `model.parameters()` order) and the optimizer's `state_dict()`."""
-    model = make_model()
+    model = make_model(name=name)
     opt = make_optimizer(name, model.parameters())
     _train(model, opt, range(steps))
     return [p.detach().clone() for p in model.parameters()], opt.state_dict()
@@ -266,7 +283,7 @@ def _ddp(rank: int, out_dir: Path) -> dict:
 
     result = {}
     for name in OPTIMIZERS:
-        model = DDP(make_model())
+        model = DDP(make_model(name=name))
         opt = make_optimizer(name, model.parameters())
         _train(model, opt, range(STEPS), _rows(rank))
         result[name] = _full(model.parameters())
@@ -292,7 +309,7 @@ def _zero(rank: int, out_dir: Path) -> dict:
         cls, kwargs = OPTIMIZERS[name]
         if name in PARTITIONED:
             cls = oc_distributed.partitioned(cls)
-        model = DDP(make_model())
+        model = DDP(make_model(name=name))
         opt = ZeroRedundancyOptimizer(param_groups(name, model.parameters()),
                                       optimizer_class=cls, **kwargs)
         _train(model, opt, range(STEPS_BEFORE), _rows(rank))
@@ -308,7 +325,7 @@ def _zero(rank: int, out_dir: Path) -> dict:
         # A new model and optimizer (from another seed), resumed from the checkpoint: every rank
         # loads the whole consolidated state and keeps its own partition of it.
         saved = torch.load(checkpoint, weights_only=True)
-        resumed_model = make_model(seed=1)
+        resumed_model = make_model(seed=1, name=name)
         resumed_model.load_state_dict(saved["model"])
         resumed_model = DDP(resumed_model)
         resumed = ZeroRedundancyOptimizer(param_groups(name, resumed_model.parameters()),
@@ -324,10 +341,10 @@ def _zero(rank: int, out_dir: Path) -> dict:
     return result
 
 
-def _sharded_model(seed: int = 0) -> nn.Module:
+def _sharded_model(seed: int = 0, name: str | None = None) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    model = make_model(seed)
+    model = make_model(seed, name)
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer)
@@ -407,6 +424,20 @@ def _fsdp(rank: int, out_dir: Path) -> dict:
     result["transformed"] = {"params": _full(model.parameters()),
                              "skips": opt.transforms[0].skips}
 
+    # 4-bit state of a sharded parameter is refused (two codes share a byte), before any change.
+    model = _sharded_model(name="Adam-8bit")
+    opt = oc.Adam(model.parameters(), lr=0.01, state_bits=4)
+    before = _full(model.parameters())
+    x, y = make_data(0)
+    nn.functional.mse_loss(model(x[_rows(rank)]), y[_rows(rank)]).backward()
+    try:
+        opt.step()
+        result["four_bits"] = None
+    except ValueError as error:
+        result["four_bits"] = {"error": str(error), "unchanged": all(
+            torch.equal(a, b) for a, b in zip(_full(model.parameters()), before)),
+            "state": len(opt.state)}
+
     # Whole-matrix blocks run each matrix on one owner rank: count what each rank orthogonalises.
     import optcraft.blocks.matrix as matrix_blocks
 
@@ -423,7 +454,7 @@ def _fsdp(rank: int, out_dir: Path) -> dict:
     for kernel in FUSED_KERNELS:
         setattr(torch, kernel, _counting(getattr(torch, kernel), fused))
     for name in OPTIMIZERS:
-        model = _sharded_model()
+        model = _sharded_model(name=name)
         opt = make_optimizer(name, model.parameters())
         orthogonalised.clear()
         oc_distributed.reset_counters()
@@ -444,7 +475,7 @@ def _fsdp(rank: int, out_dir: Path) -> dict:
         _train(model, opt, range(STEPS_BEFORE, STEPS), _rows(rank))
         uninterrupted = _full(model.parameters())
 
-        resumed_model = _sharded_model(seed=1)
+        resumed_model = _sharded_model(seed=1, name=name)
         resumed = make_optimizer(name, resumed_model.parameters())
         loaded = {"model": get_model_state_dict(resumed_model),
                   "optimizer": get_optimizer_state_dict(resumed_model, resumed)}
@@ -460,10 +491,10 @@ def _fsdp(rank: int, out_dir: Path) -> dict:
 
 #: Resharded: the optimizers whose FSDP2 checkpoints (saved on `WORLD` ranks) are loaded on 4
 #: ranks (on 1 rank, all of them): group state (AdaGrad-Norm's accumulator, schedule-free's
-#: weight sum, Prodigy's d and running sums) and the whole-matrix blocks, whose owners and
-#: replicated state change.
+#: weight sum, Prodigy's d and running sums), the whole-matrix blocks, whose owners and
+#: replicated state change, and 8-bit state (its blocks straddle other shard boundaries).
 RESHARDED_ON_4 = ["AdaGradNorm", "Muon+Adam", "Adafactor", "SOAP+Adam", "AdamWScheduleFree",
-                  "Prodigy"]
+                  "Prodigy", "Adam-8bit"]
 
 
 def _resharded(rank: int, out_dir: Path) -> dict:
@@ -481,7 +512,7 @@ def _resharded(rank: int, out_dir: Path) -> dict:
         names = [n for n in names if n in RESHARDED_ON_4]
     result = {}
     for name in names:
-        model = _sharded_model(seed=1)
+        model = _sharded_model(seed=1, name=name)
         opt = make_optimizer(name, model.parameters())
         loaded = {"model": get_model_state_dict(model),
                   "optimizer": get_optimizer_state_dict(model, opt)}

@@ -183,6 +183,67 @@ def _over_partition(totals: dict, ordered: list, group) -> dict:
     return found
 
 
+# ---- block-wise quantised state (optcraft.state_codecs) on FSDP2's shards -----------------------
+
+def _block_of_elements(t, size: int) -> torch.Tensor:
+    """For each element of this rank's shard of the row-sharded DTensor `t` (in memory order),
+    the block of `size` elements of the whole flattened tensor it falls in."""
+    if not is_row_sharded(t):
+        raise NotImplementedError(
+            f"quantised state of a DTensor laid out as {t.placements} on a {t.device_mesh.ndim}-D "
+            f"mesh: only FSDP2's layout (sharded along the first dimension, a 1-D mesh) is "
+            f"supported; use state_bits=32 or 16")
+    comm = _Comm(t.device_mesh)
+    chunk, _ = _rows_of(t.shape[0], comm.world)
+    row = math.prod(t.shape[1:])
+    local = t.to_local()
+    start = comm.me * chunk * row
+    return torch.arange(start, start + local.numel(), device=local.device) // size
+
+
+def quantize_shards(x, size: int, values: torch.Tensor, mids: torch.Tensor):
+    """`state_codecs.quantize` at 8 bits of the whole tensor `x`, an FSDP2-sharded DTensor, from
+    its shards: the same blocks (of `size` elements of the whole flattened tensor, so a block may
+    straddle two ranks), the same scales and the same codes as on one process.
+
+    Each rank takes the largest magnitude of its part of every block, one all-reduce (max) of
+    `numel / size` numbers makes each block's `absmax`, and each rank codes its own elements.
+    Returns the codes as a uint8 DTensor shaped and sharded as `x` (so that
+    torch.distributed.checkpoint reshards them as it reshards `x`; one process keeps them flat,
+    padded to whole blocks) and the scales as a plain float32 tensor, the same on every rank."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    blocks = _block_of_elements(x, size)
+    local = x.to_local().detach().reshape(-1).float()
+    n_blocks = max(1, math.ceil(x.numel() / size))
+    absmax = torch.zeros(n_blocks, dtype=torch.float32, device=local.device)
+    absmax.scatter_reduce_(0, blocks, local.abs(), "amax")
+    dist.all_reduce(absmax, op=dist.ReduceOp.MAX, group=x.device_mesh.get_group(0))
+    scaled = local / absmax.clamp_min(torch.finfo(torch.float32).tiny)[blocks]
+    codes = torch.searchsorted(mids, scaled, out_int32=True).clamp_(0, len(values) - 1)
+    codes = codes.to(torch.uint8).reshape(x.to_local().shape)
+    return (DTensor.from_local(codes, x.device_mesh, x.placements, run_check=False,
+                               shape=x.shape, stride=x.stride()), absmax)
+
+
+def dequantize_shards(codes, absmax, size: int, values: torch.Tensor, dtype):
+    """The DTensor that `quantize_shards` coded as (`codes`, `absmax`), in `dtype`: each rank
+    decodes its own elements (no communication)."""
+    from torch.distributed.tensor import DTensor
+
+    if distribution_of(absmax) is not None:  # (as torch.distributed.checkpoint may load it)
+        absmax = absmax.full_tensor()
+    blocks = _block_of_elements(codes, size)
+    local = codes.to_local()
+    found = values.index_select(0, local.reshape(-1).to(torch.int32))
+    found = found.mul_(absmax.to(device=found.device, dtype=torch.float32)[blocks])
+    found = found.reshape(local.shape)
+    found = found if dtype == torch.float32 else found.to(dtype)
+    return DTensor.from_local(found, codes.device_mesh, codes.placements, run_check=False,
+                              shape=codes.shape, stride=codes.stride())
+
+
 # ---- ZeroRedundancyOptimizer: each rank's optimizer holds a partition of the parameters ------
 
 def partitioned(recipe, process_group=None):
