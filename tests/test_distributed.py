@@ -259,6 +259,29 @@ def test_fsdp_full_optimizer_state_dict_is_the_single_process_state(fsdp, single
         _assert_values_close({k: saved_group[k] for k in hypers}, hypers, **close(name))
 
 
+@pytest.mark.parametrize("name", ["Adam", "Adam-8bit", "Lion-8bit"])
+def test_fsdp_full_optimizer_state_dict_continues_on_one_plain_process(fsdp, single, name):
+    """The whole state dict of an FSDP2 run (8-bit codes kept one per element there) loaded into
+    the optimizer of a plain, unsharded model at the same step: the run continues as the
+    single-process one."""
+    saved = fsdp[0][name]["state"]
+    names = sum(worker.param_names(name), [])
+    index = {n: i for i, n in enumerate(names)}
+    state_dict = {"state": {index[n]: v for n, v in saved["state"].items()},
+                  "param_groups": [{**g, "params": [index[n] for n in g["params"]]}
+                                   for g in saved["param_groups"]]}
+    params, _ = worker.train_single(name, worker.STEPS_BEFORE)
+    model = worker.make_model(name=name)
+    with torch.no_grad():
+        for p, value in zip(model.parameters(), params):
+            p.copy_(value)
+    opt = worker.make_optimizer(name, model.parameters())
+    opt.load_state_dict(state_dict)
+    worker._train(model, opt, range(worker.STEPS_BEFORE, worker.STEPS))
+    _assert_params_close([p.detach() for p in model.parameters()], single[name]["params"], name,
+                         **close(name))
+
+
 def test_fsdp_matrix_work_is_divided_among_ranks(fsdp):
     """Muon under FSDP2: at every step each matrix is orthogonalised once, whole, by one rank
     (its owner), not by every rank; the owners balance the work (`matrix_cost`): the 7 x 6 weight

@@ -407,6 +407,11 @@ def split_encoded(values: Mapping[str, Any], param: torch.Tensor) -> tuple[dict,
         n_codes, n_scales = encoded_length(param.numel(), bits)
         # (FSDP2's sharded parameters keep one code per element, shaped as the parameter)
         shape = tuple(param.shape) if distribution_of(param) is not None else (n_codes,)
+        if shape == (n_codes,) and bits == 8 and isinstance(codes, torch.Tensor) and \
+                distribution_of(codes) is None and tuple(codes.shape) == tuple(param.shape) and \
+                tuple(codes.shape) != shape:
+            # an FSDP2 state gathered whole (a full state dict) on one process: flat, padded
+            codes = torch.nn.functional.pad(codes.reshape(-1), (0, n_codes - codes.numel()))
         if not isinstance(codes, torch.Tensor) or not isinstance(scales, torch.Tensor) or \
                 codes.dtype != torch.uint8 or tuple(codes.shape) != shape or \
                 scales.shape != (n_scales,):
