@@ -48,6 +48,10 @@ whatever the optimizer's `state_bits`: `load_state_dict` converts a checkpoint s
 bits (a float32 one into an 8-bit optimizer: the quantisation error above, once; back to float32:
 exact), and changing `opt.state_bits` takes effect at the next step.
 
+FSDP2's sharded parameters (DTensors) keep the blocks, scales and codes of the whole tensor
+(`optcraft.distributed.quantize_shards`: a block may straddle two ranks), the codes one per
+element, shaped and sharded as the parameter; `state_bits=4` is refused for them.
+
 `rounding`: how the step writes a float32 result into bfloat16/float16 storage where nothing
 else keeps the float32 value: the parameters when `master_weights=False` and bfloat16 state
 (`state_bits=16`).  "stochastic" (the default) rounds up or down at random with the probabilities
