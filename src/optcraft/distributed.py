@@ -1,8 +1,15 @@
-"""Collectives for sharded parameters (FSDP2's DTensors): what a block needs of a whole tensor,
-computed from the shards each rank holds.
+"""Collectives for sharded parameters: what a block needs of a whole tensor or of every
+parameter, computed from what each rank holds.
 
-`tensorlist` asks `distribution_of` whether a tensor is sharded and hands its norms to
-`sharded_norms`; nothing else in optcraft talks to `torch.distributed` during a step.
+* FSDP2's DTensors: `tensorlist` asks `distribution_of` whether a tensor is sharded and hands its
+  norms to `sharded_norms`; the engine's sums over every parameter go through `sum_over_ranks`,
+  whole-matrix blocks through `run_on_owners`, and `state_codecs` codes 8-bit state of sharded
+  tensors with `quantize_shards` / `dequantize_shards`.
+* ZeroRedundancyOptimizer's partitions: `partitioned` makes an optimizer whose sums over every
+  parameter are also summed over the ranks.
+
+Nothing else in optcraft talks to `torch.distributed` during a step, and every rank makes the
+same collectives in the same order.
 """
 from __future__ import annotations
 
