@@ -436,7 +436,7 @@ def _fsdp(rank: int, out_dir: Path) -> dict:
     except ValueError as error:
         result["four_bits"] = {"error": str(error), "unchanged": all(
             torch.equal(a, b) for a, b in zip(_full(model.parameters()), before)),
-            "state": len(opt.state)}
+            "state": sum(len(st) for st in opt.state.values())}
 
     # Whole-matrix blocks run each matrix on one owner rank: count what each rank orthogonalises.
     import optcraft.blocks.matrix as matrix_blocks

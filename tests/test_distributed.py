@@ -322,7 +322,7 @@ def test_fsdp_refuses_4_bit_state_before_changing_anything(fsdp):
     for rank in range(worker.WORLD):
         found = fsdp[rank]["four_bits"]
         assert found is not None and "state_bits=4 is not supported for FSDP2" in found["error"]
-        assert found["unchanged"] and found["state"] == 0
+        assert found["unchanged"] and found["state"] == 0  # (no state entry written)
 
 
 def test_fsdp_skip_nonfinite_and_global_norm_clipping_see_the_whole_model(fsdp):
