@@ -72,8 +72,7 @@ def sharded_norms(tensors: list, ord) -> list | None:
     if isinstance(local, collectives.AsyncCollectiveTensor):
         # Waited for here: the max and min norms go on through views only (`unbind`), which do
         # not wait, and a result never waited for leaves its work in torch's registry, where a
-        # later tensor at the same address can be taken for it (seen: Prodigy's sums after a
-        # `skip_nonfinite` step came out wrong).
+        # later tensor at the same address can be taken for it.
         local = local.wait()
     if power == 2:
         local = local.sqrt()
