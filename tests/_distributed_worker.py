@@ -131,6 +131,10 @@ OPTIMIZERS = {
     # sums over every parameter
     "AdamWScheduleFree": (oc.AdamWScheduleFree, dict(lr=0.01, wd=0.01)),
     "Prodigy": (oc.Prodigy, dict(lr=1.0, d0=1e-3, wd=0.01)),
+    # 8-bit state (issue 21 with the memory issue's codecs), on a wider model (`WIDE`): Adam's
+    # moments (a signed and an unsigned code map), Lion's momentum
+    "Adam-8bit": (oc.Adam, dict(lr=0.01, wd=0.01, state_bits=8)),
+    "Lion-8bit": (oc.Lion, dict(lr=1e-3, wd=0.1, state_bits=8)),
 }
 #: For debugging: OPTCRAFT_DISTRIBUTED_ONLY="SGD,Muon+Adam" runs only these (the spawned
 #: processes inherit the variable).
@@ -140,21 +144,31 @@ if os.environ.get("OPTCRAFT_DISTRIBUTED_ONLY"):
 #: Optimizers given two parameter groups, those their first part takes then the rest (see
 #: `param_groups`).
 SPLIT = {"Muon+Adam": _is_matrix, "SOAP+Adam": _is_wide_matrix}
-#: Optimizers a scenario does not run: under ZeroRedundancyOptimizer each rank's optimizer holds
-#: a partition of the parameters, so a sum over every parameter would need a collective that
-#: the optimizer cannot know to make (docs/integration.md).
-#: Under FSDP2, Prodigy's sums over every parameter came out wrong in some runs (deterministic
-#: for a given process history, and changed by unrelated work run before it in the process; on
-#: 4 ranks its `d` differed between ranks); the cause is not found (docs/integration.md).
-NOT_UNDER = {"zero": {"AdaGradNorm", "Prodigy"}, "fsdp": {"Prodigy"}}
+#: Optimizers with sums over every parameter: under ZeroRedundancyOptimizer each rank's optimizer
+#: holds a partition of the parameters, and `optcraft.distributed.partitioned` makes it add its
+#: sums over the ranks (docs/integration.md).
+PARTITIONED = {"AdaGradNorm", "Prodigy"}
 
 
-def make_model(seed: int = 0) -> nn.Sequential:
-    """A small MLP in float64.  Its first layer has 7 rows (FSDP2 shards them 4 + 3) and its last
-    one row, so rank 1's shard of the last weight and bias is empty."""
+def make_model(seed: int = 0, name: str | None = None) -> nn.Sequential:
+    """The model optimizer `name` trains (`WIDE`, or this one): a small MLP in float64.  Its
+    first layer has 7 rows (FSDP2 shards them 4 + 3) and its last one row, so rank 1's shard of
+    the last weight and bias is empty."""
     torch.manual_seed(seed)
+    if name in WIDE:
+        return nn.Sequential(nn.Linear(6, WIDE_ROWS), nn.Tanh(),
+                             nn.Linear(WIDE_ROWS, WIDE_COLS), nn.Tanh(),
+                             nn.Linear(WIDE_COLS, 1)).to(DTYPE)
     return nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(),
                          nn.Linear(5, 1)).to(DTYPE)
+
+
+#: Optimizers that train a wider MLP: 8-bit state is block-wise quantised only from
+#: `state_codecs.MIN_NUMEL` elements (4096), in blocks of 256 elements of the whole flattened
+#: tensor.  Its middle weight, 100 x 64 (25 blocks), is sharded 50 + 50 rows on 2 ranks (12.5
+#: blocks each: block 12 straddles the ranks) and 25 x 4 on 4 ranks (6.25 blocks each).
+WIDE = {"Adam-8bit", "Lion-8bit"}
+WIDE_ROWS, WIDE_COLS = 64, 100
 
 
 def make_data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,7 +192,7 @@ def param_groups(name: str, params) -> list:
 
 def param_names(name: str) -> list[list[str]]:
     """The model's parameter names, group by group, in the order optimizer `name` holds them."""
-    named = list(make_model().named_parameters())
+    named = list(make_model(name=name).named_parameters())
     ids = {id(p): n for n, p in named}
     groups = param_groups(name, [p for _, p in named])
     if not isinstance(groups[0], dict):
@@ -204,7 +218,7 @@ def _train(model, opt, steps: range, rows: slice = slice(None)):
 def train_single(name: str, steps: int = STEPS):
     """The single-process run on the whole batch: the parameters after `steps` steps (in
     `model.parameters()` order) and the optimizer's `state_dict()`."""
-    model = make_model()
+    model = make_model(name=name)
     opt = make_optimizer(name, model.parameters())
     _train(model, opt, range(steps))
     return [p.detach().clone() for p in model.parameters()], opt.state_dict()
@@ -232,7 +246,7 @@ def train_transformed(model, opt, rows: slice = slice(None), rank: int | None = 
         opt.zero_grad(set_to_none=True)
         nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
         if step == NONFINITE_STEP:
-            grad = dict(model.named_parameters())[name].grad
+            grad = dict(getattr(model, "module", model).named_parameters())[name].grad  # (DDP's)
             if rank is None:
                 grad[row, col] = float("inf")
             else:
@@ -269,7 +283,7 @@ def _ddp(rank: int, out_dir: Path) -> dict:
 
     result = {}
     for name in OPTIMIZERS:
-        model = DDP(make_model())
+        model = DDP(make_model(name=name))
         opt = make_optimizer(name, model.parameters())
         _train(model, opt, range(STEPS), _rows(rank))
         result[name] = _full(model.parameters())
@@ -280,12 +294,22 @@ def _zero(rank: int, out_dir: Path) -> dict:
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    result = {}
+    # The whole-model transforms around ZeRO (every rank holds every gradient under DDP), over
+    # AdaGrad-Norm (a sum over every parameter) built by `partitioned`.
+    model = DDP(make_model())
+    opt = oc.Transformed(
+        ZeroRedundancyOptimizer(model.parameters(),
+                                optimizer_class=oc_distributed.partitioned(adagrad_norm),
+                                lr=0.05),
+        oc.skip_nonfinite(), oc.clip_by_global_norm(MAX_NORM))
+    train_transformed(model, opt, _rows(rank))
+    result = {"transformed": {"params": _full(model.parameters()),
+                              "skips": opt.transforms[0].skips}}
     for name in OPTIMIZERS:
-        if name in NOT_UNDER["zero"]:
-            continue
         cls, kwargs = OPTIMIZERS[name]
-        model = DDP(make_model())
+        if name in PARTITIONED:
+            cls = oc_distributed.partitioned(cls)
+        model = DDP(make_model(name=name))
         opt = ZeroRedundancyOptimizer(param_groups(name, model.parameters()),
                                       optimizer_class=cls, **kwargs)
         _train(model, opt, range(STEPS_BEFORE), _rows(rank))
@@ -301,7 +325,7 @@ def _zero(rank: int, out_dir: Path) -> dict:
         # A new model and optimizer (from another seed), resumed from the checkpoint: every rank
         # loads the whole consolidated state and keeps its own partition of it.
         saved = torch.load(checkpoint, weights_only=True)
-        resumed_model = make_model(seed=1)
+        resumed_model = make_model(seed=1, name=name)
         resumed_model.load_state_dict(saved["model"])
         resumed_model = DDP(resumed_model)
         resumed = ZeroRedundancyOptimizer(param_groups(name, resumed_model.parameters()),
@@ -317,14 +341,49 @@ def _zero(rank: int, out_dir: Path) -> dict:
     return result
 
 
-def _sharded_model(seed: int = 0) -> nn.Module:
+def _sharded_model(seed: int = 0, name: str | None = None) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    model = make_model(seed)
+    model = make_model(seed, name)
     for layer in model:
         if isinstance(layer, nn.Linear):
             fully_shard(layer)
     return fully_shard(model)
+
+
+def _sums_in_rank_order(rank: int, mesh) -> dict:
+    """`sum_over_ranks` on two pending sums (`Partial` DTensors: rank r holds `partial_values`),
+    given in a different order on each rank, as a chain's set of names can come in any order (a
+    set's order changes with the process's hash seed)."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    values = partial_values(rank)
+    sums = {name: [oc.TensorList([DTensor.from_local(v, mesh, [Partial()]) for v in vs])]
+            for name, vs in values.items()}
+    if rank % 2:
+        sums = dict(reversed(sums.items()))
+    return {k: v.clone() for k, v in oc_distributed.sum_over_ranks(sums).items()}
+
+
+def partial_values(rank: int) -> dict:
+    """Rank `rank`'s parts of two sums over every parameter, `a` and `b`, of three tensors each."""
+    g = torch.Generator().manual_seed(PARTIAL_SEED + 100 + rank)
+    return {name: list(torch.randn(3, generator=g, dtype=DTYPE).unbind(0)) for name in "ab"}
+
+
+#: torch's fused optimizer kernels (what the `fused` path calls).
+FUSED_KERNELS = ("_fused_adam_", "_fused_adamw_", "_fused_sgd_", "_fused_adagrad_")
+
+
+def _counting(kernel, counts: dict):
+    """`kernel`, counting in `counts` the parameters it is given and how many are DTensors."""
+    from torch.distributed.tensor import DTensor
+
+    def counted(params, *args, **kwargs):
+        counts["tensors"] += len(params)
+        counts["dtensors"] += sum(isinstance(p, DTensor) for p in params)
+        return kernel(params, *args, **kwargs)
+    return counted
 
 
 def _fsdp(rank: int, out_dir: Path) -> dict:
@@ -355,7 +414,8 @@ def _fsdp(rank: int, out_dir: Path) -> dict:
                              "grad_rms": _full(params.grad.rms()),
                              "norm_1": _full(params.norm(1)),
                              "norm_inf": _full(params.norm(float("inf"))),
-                             "mixed_norm": _full(mixed.norm())}}
+                             "mixed_norm": _full(mixed.norm())},
+              "sums": _sums_in_rank_order(rank, mesh)}
     # skip_nonfinite and clip_by_global_norm see every gradient: on shards, the decision to skip
     # and the norm must be those of the whole model (and the same on every rank).
     model = _sharded_model()
@@ -363,6 +423,20 @@ def _fsdp(rank: int, out_dir: Path) -> dict:
     train_transformed(model, opt, _rows(rank), rank)
     result["transformed"] = {"params": _full(model.parameters()),
                              "skips": opt.transforms[0].skips}
+
+    # 4-bit state of a sharded parameter is refused (two codes share a byte), before any change.
+    model = _sharded_model(name="Adam-8bit")
+    opt = oc.Adam(model.parameters(), lr=0.01, state_bits=4)
+    before = _full(model.parameters())
+    x, y = make_data(0)
+    nn.functional.mse_loss(model(x[_rows(rank)]), y[_rows(rank)]).backward()
+    try:
+        opt.step()
+        result["four_bits"] = None
+    except ValueError as error:
+        result["four_bits"] = {"error": str(error), "unchanged": all(
+            torch.equal(a, b) for a, b in zip(_full(model.parameters()), before)),
+            "state": sum(len(st) for st in opt.state.values())}
 
     # Whole-matrix blocks run each matrix on one owner rank: count what each rank orthogonalises.
     import optcraft.blocks.matrix as matrix_blocks
@@ -374,15 +448,20 @@ def _fsdp(rank: int, out_dir: Path) -> dict:
         orthogonalised.append([tuple(m.shape) for m in matrices])
         return newton_schulz(matrices, *args, **kwargs)
     matrix_blocks.newton_schulz = counting_newton_schulz
+    # torch's fused kernels run on the local shards: count the tensors they are given, and
+    # those that are DTensors (the kernels have no DTensor rule).
+    fused = {"tensors": 0, "dtensors": 0}
+    for kernel in FUSED_KERNELS:
+        setattr(torch, kernel, _counting(getattr(torch, kernel), fused))
     for name in OPTIMIZERS:
-        if name in NOT_UNDER.get("fsdp", ()):
-            continue
-        model = _sharded_model()
+        model = _sharded_model(name=name)
         opt = make_optimizer(name, model.parameters())
         orthogonalised.clear()
         oc_distributed.reset_counters()
+        fused.update(tensors=0, dtensors=0)
         _train(model, opt, range(STEPS_BEFORE), _rows(rank))
-        work = {"newton_schulz": list(orthogonalised), **oc_distributed.counters}
+        work = {"newton_schulz": list(orthogonalised), **oc_distributed.counters,
+                "fused": dict(fused)}
 
         checkpoint = out_dir / f"fsdp-{name}"
         dcp.save({"model": get_model_state_dict(model),
@@ -396,7 +475,7 @@ def _fsdp(rank: int, out_dir: Path) -> dict:
         _train(model, opt, range(STEPS_BEFORE, STEPS), _rows(rank))
         uninterrupted = _full(model.parameters())
 
-        resumed_model = _sharded_model(seed=1)
+        resumed_model = _sharded_model(seed=1, name=name)
         resumed = make_optimizer(name, resumed_model.parameters())
         loaded = {"model": get_model_state_dict(resumed_model),
                   "optimizer": get_optimizer_state_dict(resumed_model, resumed)}
@@ -412,8 +491,10 @@ def _fsdp(rank: int, out_dir: Path) -> dict:
 
 #: Resharded: the optimizers whose FSDP2 checkpoints (saved on `WORLD` ranks) are loaded on 4
 #: ranks (on 1 rank, all of them): group state (AdaGrad-Norm's accumulator, schedule-free's
-#: weight sum) and the whole-matrix blocks, whose owners and replicated state change.
-RESHARDED_ON_4 = ["AdaGradNorm", "Muon+Adam", "Adafactor", "SOAP+Adam", "AdamWScheduleFree"]
+#: weight sum, Prodigy's d and running sums), the whole-matrix blocks, whose owners and
+#: replicated state change, and 8-bit state (its blocks straddle other shard boundaries).
+RESHARDED_ON_4 = ["AdaGradNorm", "Muon+Adam", "Adafactor", "SOAP+Adam", "AdamWScheduleFree",
+                  "Prodigy", "Adam-8bit"]
 
 
 def _resharded(rank: int, out_dir: Path) -> dict:
@@ -426,12 +507,12 @@ def _resharded(rank: int, out_dir: Path) -> dict:
         set_optimizer_state_dict)
 
     world = dist.get_world_size()
-    names = [n for n in OPTIMIZERS if n not in NOT_UNDER.get("fsdp", ())]
+    names = list(OPTIMIZERS)
     if world != 1:
         names = [n for n in names if n in RESHARDED_ON_4]
     result = {}
     for name in names:
-        model = _sharded_model(seed=1)
+        model = _sharded_model(seed=1, name=name)
         opt = make_optimizer(name, model.parameters())
         loaded = {"model": get_model_state_dict(model),
                   "optimizer": get_optimizer_state_dict(model, opt)}

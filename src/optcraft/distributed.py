@@ -1,8 +1,15 @@
-"""Collectives for sharded parameters (FSDP2's DTensors): what a block needs of a whole tensor,
-computed from the shards each rank holds.
+"""Collectives for sharded parameters: what a block needs of a whole tensor or of every
+parameter, computed from what each rank holds.
 
-`tensorlist` asks `distribution_of` whether a tensor is sharded and hands its norms to
-`sharded_norms`; nothing else in optcraft talks to `torch.distributed` during a step.
+* FSDP2's DTensors: `tensorlist` asks `distribution_of` whether a tensor is sharded and hands its
+  norms to `sharded_norms`; the engine's sums over every parameter go through `sum_over_ranks`,
+  whole-matrix blocks through `run_on_owners`, and `state_codecs` codes 8-bit state of sharded
+  tensors with `quantize_shards` / `dequantize_shards`.
+* ZeroRedundancyOptimizer's partitions: `partitioned` makes an optimizer whose sums over every
+  parameter are also summed over the ranks.
+
+Nothing else in optcraft talks to `torch.distributed` during a step, and every rank makes the
+same collectives in the same order.
 """
 from __future__ import annotations
 
@@ -65,8 +72,7 @@ def sharded_norms(tensors: list, ord) -> list | None:
     if isinstance(local, collectives.AsyncCollectiveTensor):
         # Waited for here: the max and min norms go on through views only (`unbind`), which do
         # not wait, and a result never waited for leaves its work in torch's registry, where a
-        # later tensor at the same address can be taken for it (seen: Prodigy's sums after a
-        # `skip_nonfinite` step came out wrong).
+        # later tensor at the same address can be taken for it.
         local = local.wait()
     if power == 2:
         local = local.sqrt()
@@ -84,23 +90,225 @@ def _waited(t):
     return t.wait() if isinstance(t, collectives.AsyncCollectiveTensor) else t
 
 
-def sum_over_ranks(values: list):
-    """The sum of per-bucket contributions (numbers, 0-d tensors, or lists of 0-d tensors, one per
-    tensor) to a value summed over every parameter, as one number or 0-d tensor.  A contribution
-    computed from FSDP2's sharded tensors is a DTensor whose value is pending across ranks: its
-    `full_tensor()` is the sum over the whole tensors (one all-reduce), waited for here."""
-    total = 0.0
-    for value in values:
-        items = value.tensors if hasattr(value, "tensors") else \
-            value if isinstance(value, (list, tuple)) else [value]
-        for item in items:
-            if distribution_of(item) is not None:
-                item = _waited(item.full_tensor())
-            if isinstance(item, torch.Tensor) and isinstance(total, torch.Tensor) and \
-                    item.device != total.device:
-                item = item.to(total.device)
-            total = total + item
-    return total
+def _items(value) -> list:
+    """A per-bucket contribution as a list of numbers or 0-d tensors."""
+    return list(value.tensors) if hasattr(value, "tensors") else \
+        list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _pending_dims(t) -> tuple | None:
+    """The mesh dimensions along which the 0-d DTensor `t` is a pending sum (`Partial("sum")`),
+    or None where it is laid out otherwise (then `full_tensor()` is what it is worth)."""
+    dims = []
+    for dim, placement in enumerate(t.placements):
+        if placement.is_partial() and getattr(placement, "reduce_op", "sum") == "sum":
+            dims.append(dim)
+        elif not placement.is_replicate():
+            return None
+    return tuple(dims)
+
+
+def sum_over_ranks(sums: dict, names=(), group=None) -> dict:
+    """The totals of values summed over every parameter: `sums` maps each name to its per-bucket
+    contributions (numbers, 0-d tensors, or lists of 0-d tensors, one per tensor); each total is
+    their sum, in the order given, as one number or 0-d tensor.  A name of `names` with no
+    contribution totals 0.
+
+    * A contribution computed from FSDP2's sharded tensors is a 0-d DTensor whose value is a
+      pending sum across ranks (`Partial`): the local values of all of them are reduced in one
+      all-reduce per mesh (not one per tensor), then added up in order.
+    * `group`: the process group over which the optimizer's parameters are partitioned
+      (ZeroRedundancyOptimizer, see `partitioned`): each rank's totals cover its own parameters
+      only, and one all-reduce over `group` adds them up.
+
+    Every rank makes the same collectives in the same order: names are taken in sorted order
+    (a chain keeps them in a set, whose order differs between processes: Prodigy's two sums were
+    paired with each other's across ranks that way), and the contributions in bucket order,
+    which is the same on every rank (FSDP2's ranks hold a shard of every parameter).
+    Collectives are blocking (`torch.distributed.all_reduce`): no result is left pending."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    ordered = sorted(set(sums) | set(names))
+    items = {name: [x for value in sums.get(name, ()) for x in _items(value)] for name in ordered}
+    # 1. FSDP2's pending sums: their local values stacked, one all-reduce per mesh, dimension
+    #    and dtype (in order of first appearance, the same on every rank).
+    pending: dict = {}
+    for name in ordered:
+        for i, x in enumerate(items[name]):
+            if not isinstance(x, DTensor):
+                continue
+            dims = _pending_dims(x)
+            if dims is None:
+                items[name][i] = _waited(x.full_tensor())
+                continue
+            local = x.to_local()
+            if not dims:  # replicated: the local value is the value
+                items[name][i] = local
+                continue
+            key = (id(x.device_mesh), dims, local.dtype, local.device)
+            pending.setdefault(key, (x.device_mesh, []))[1].append((name, i, local))
+    for (_, dims, _, _), (mesh, found) in pending.items():
+        stacked = torch.stack([local.reshape(()) for _, _, local in found])
+        for dim in dims:
+            dist.all_reduce(stacked, group=mesh.get_group(dim))
+        for (name, i, _), value in zip(found, stacked.unbind(0)):
+            items[name][i] = value
+    # 2. each total, in order
+    totals = {}
+    for name in ordered:
+        total = 0.0
+        for x in items[name]:
+            if isinstance(x, torch.Tensor) and isinstance(total, torch.Tensor) and \
+                    x.device != total.device:
+                x = x.to(total.device)
+            total = total + x
+        totals[name] = total
+    # 3. over the ranks of a partitioned optimizer
+    if group is not None and ordered:
+        totals = _over_partition(totals, ordered, group)
+    return totals
+
+
+def _over_partition(totals: dict, ordered: list, group) -> dict:
+    """`totals` summed over the ranks of `group`, in one all-reduce (float64; each total back in
+    its own dtype where it is a tensor)."""
+    import torch.distributed as dist
+
+    device = next((t.device for t in totals.values() if isinstance(t, torch.Tensor)), None)
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    stacked = torch.stack([torch.as_tensor(totals[name], dtype=torch.float64).to(device)
+                           for name in ordered])
+    dist.all_reduce(stacked, group=group)
+    found = {}
+    for name, value in zip(ordered, stacked.unbind(0)):
+        local = totals[name]
+        found[name] = value.to(local.dtype) if isinstance(local, torch.Tensor) else value
+    return found
+
+
+# ---- block-wise quantised state (optcraft.state_codecs) on FSDP2's shards -----------------------
+
+def _block_of_elements(t, size: int) -> torch.Tensor:
+    """For each element of this rank's shard of the row-sharded DTensor `t` (in memory order),
+    the block of `size` elements of the whole flattened tensor it falls in."""
+    if not is_row_sharded(t):
+        raise NotImplementedError(
+            f"quantised state of a DTensor laid out as {t.placements} on a {t.device_mesh.ndim}-D "
+            f"mesh: only FSDP2's layout (sharded along the first dimension, a 1-D mesh) is "
+            f"supported; use state_bits=32 or 16")
+    comm = _Comm(t.device_mesh)
+    chunk, _ = _rows_of(t.shape[0], comm.world)
+    row = math.prod(t.shape[1:])
+    local = t.to_local()
+    start = comm.me * chunk * row
+    return torch.arange(start, start + local.numel(), device=local.device) // size
+
+
+def quantize_shards(x, size: int, values: torch.Tensor, mids: torch.Tensor):
+    """`state_codecs.quantize` at 8 bits of the whole tensor `x`, an FSDP2-sharded DTensor, from
+    its shards: the same blocks (of `size` elements of the whole flattened tensor, so a block may
+    straddle two ranks), the same scales and the same codes as on one process.
+
+    Each rank takes the largest magnitude of its part of every block, one all-reduce (max) of
+    `numel / size` numbers makes each block's `absmax`, and each rank codes its own elements.
+    Returns the codes as a uint8 DTensor shaped and sharded as `x` (so that
+    torch.distributed.checkpoint reshards them as it reshards `x`; one process keeps them flat,
+    padded to whole blocks) and the scales as a plain float32 tensor, the same on every rank."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    blocks = _block_of_elements(x, size)
+    local = x.to_local().detach().reshape(-1).float()
+    n_blocks = max(1, math.ceil(x.numel() / size))
+    absmax = torch.zeros(n_blocks, dtype=torch.float32, device=local.device)
+    absmax.scatter_reduce_(0, blocks, local.abs(), "amax")
+    dist.all_reduce(absmax, op=dist.ReduceOp.MAX, group=x.device_mesh.get_group(0))
+    scaled = local / absmax.clamp_min(torch.finfo(torch.float32).tiny)[blocks]
+    codes = torch.searchsorted(mids, scaled, out_int32=True).clamp_(0, len(values) - 1)
+    codes = codes.to(torch.uint8).reshape(x.to_local().shape)
+    return (DTensor.from_local(codes, x.device_mesh, x.placements, run_check=False,
+                               shape=x.shape, stride=x.stride()), absmax)
+
+
+def dequantize_shards(codes, absmax, size: int, values: torch.Tensor, dtype):
+    """The DTensor that `quantize_shards` coded as (`codes`, `absmax`), in `dtype`: each rank
+    decodes its own elements (no communication)."""
+    from torch.distributed.tensor import DTensor
+
+    if distribution_of(absmax) is not None:  # (as torch.distributed.checkpoint may load it)
+        absmax = absmax.full_tensor()
+    blocks = _block_of_elements(codes, size)
+    local = codes.to_local()
+    found = values.index_select(0, local.reshape(-1).to(torch.int32))
+    found = found.mul_(absmax.to(device=found.device, dtype=torch.float32)[blocks])
+    found = found.reshape(local.shape)
+    found = found if dtype == torch.float32 else found.to(dtype)
+    return DTensor.from_local(found, codes.device_mesh, codes.placements, run_check=False,
+                              shape=codes.shape, stride=codes.stride())
+
+
+# ---- ZeroRedundancyOptimizer: each rank's optimizer holds a partition of the parameters ------
+
+def partitioned(recipe, process_group=None):
+    """`recipe` (an optcraft optimizer: `oc.Prodigy`, an `Optimizer` subclass, a function making
+    one) as ZeroRedundancyOptimizer's `optimizer_class`, its sums over every parameter taken over
+    all the ranks of `process_group` (default: the default group, ZeRO's own default; give the
+    group given to ZeRO if another)::
+
+        opt = ZeroRedundancyOptimizer(model.parameters(),
+                                      optimizer_class=oc.distributed.partitioned(oc.Prodigy),
+                                      lr=1.0)
+
+    ZeRO builds one optimizer per rank over that rank's share of the parameters and runs it as a
+    plain local optimizer: nothing tells it that other ranks hold the rest.  A value summed over
+    every parameter (Prodigy's two sums, an AdaGrad-Norm accumulator: blocks' `summed` state)
+    would be that of the partition.  The optimizer built here adds its totals over the ranks
+    (one all-reduce of a few numbers per stage that has such sums; none for other chains), so
+    every rank gets the single-process values.
+
+    Refused (ValueError, when ZeRO builds the optimizer): an optimizer wrapped in transforms that
+    read every gradient (`clip_by_global_norm`, `skip_nonfinite`): on a partition they would see
+    a part of the model and ranks could decide differently.  Under ZeRO every rank holds every
+    gradient (DDP averages them), so wrap ZeRO itself instead:
+    `Transformed(ZeroRedundancyOptimizer(...), clip_by_global_norm(1.0))`.  Also refused:
+    FSDP2's sharded parameters (their sums already cover every rank)."""
+    import torch.distributed as dist
+
+    from .hypers import _inner
+
+    def build(params, *args, **kwargs):
+        opt = recipe(params, *args, **kwargs)
+        inner = _inner(opt)
+        if not hasattr(inner, "chains"):
+            raise TypeError(f"partitioned: {getattr(recipe, '__name__', recipe)!r} did not make "
+                            f"an optcraft Optimizer (got {type(opt).__name__}); a torch "
+                            f"optimizer has no sums over every parameter to take over ranks")
+        from .transforms import clip_by_global_norm, skip_nonfinite
+
+        whole = [t for t in getattr(opt, "transforms", ()) if isinstance(
+            t, (clip_by_global_norm, skip_nonfinite))]
+        if whole:
+            raise ValueError(
+                f"partitioned: {type(whole[0]).__name__} reads every gradient of the model, but "
+                f"under ZeroRedundancyOptimizer this optimizer holds only this rank's share of "
+                f"the parameters; wrap the ZeroRedundancyOptimizer in Transformed instead (every "
+                f"rank holds every gradient under DDP)")
+        if any(distribution_of(p) is not None for g in inner.param_groups for p in g["params"]):
+            raise ValueError("partitioned: FSDP2's sharded parameters (DTensors) already sum over "
+                             "every rank; partitioned is for ZeroRedundancyOptimizer's plain "
+                             "tensors")
+        if not dist.is_initialized():
+            raise RuntimeError("partitioned: torch.distributed is not initialised "
+                               "(call init_process_group first)")
+        inner.partition_group = dist.group.WORLD if process_group is None else process_group
+        return opt
+
+    build.__name__ = build.__qualname__ = \
+        f"partitioned({getattr(recipe, '__name__', type(recipe).__name__)})"
+    return build
 
 
 # ---- whole-matrix blocks on FSDP2's shards: one owner rank per matrix --------------------------

@@ -369,7 +369,10 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
         """The step itself: the chain on every parameter with a gradient."""
         codec = self._codec()
         for chain, path, groups in self._begin_step():
-            engine.step(chain, path, groups, self.state, self.master_weights, codec)
+            # (`partition_group`: set by `optcraft.distributed.partitioned` under
+            # ZeroRedundancyOptimizer, whose ranks each hold a share of the parameters)
+            engine.step(chain, path, groups, self.state, self.master_weights, codec,
+                        getattr(self, "partition_group", None))
         self._end_step()
 
     def _begin_step(self) -> list:

@@ -48,6 +48,10 @@ whatever the optimizer's `state_bits`: `load_state_dict` converts a checkpoint s
 bits (a float32 one into an 8-bit optimizer: the quantisation error above, once; back to float32:
 exact), and changing `opt.state_bits` takes effect at the next step.
 
+FSDP2's sharded parameters (DTensors) keep the blocks, scales and codes of the whole tensor
+(`optcraft.distributed.quantize_shards`: a block may straddle two ranks), the codes one per
+element, shaped and sharded as the parameter; `state_bits=4` is refused for them.
+
 `rounding`: how the step writes a float32 result into bfloat16/float16 storage where nothing
 else keeps the float32 value: the parameters when `master_weights=False` and bfloat16 state
 (`state_bits=16`).  "stochastic" (the default) rounds up or down at random with the probabilities
@@ -64,6 +68,7 @@ from typing import Any, Mapping
 
 import torch
 
+from .distributed import distribution_of
 from .tensorlist import TensorList
 
 STATE_BITS = (32, 16, 8, 4)
@@ -133,6 +138,10 @@ def quantize(x: torch.Tensor, bits: int, signed: bool) -> tuple[torch.Tensor, to
     """(codes, absmax) of `x`: codes uint8 of one dimension (packed two to a byte at 4 bits),
     absmax float32, one per block of `BLOCK[bits]` elements."""
     size = BLOCK[bits]
+    if distribution_of(x) is not None:  # FSDP2's shards: the blocks of the whole tensor
+        from .distributed import quantize_shards
+
+        return quantize_shards(x, size, *_tables(bits, signed, x.device))
     flat = x.detach().reshape(-1)
     n = flat.numel()
     n_blocks = max(1, math.ceil(n / size))
@@ -164,6 +173,10 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, bits: int, signed: boo
     size = BLOCK[bits]
     n_blocks = absmax.numel()
     values, _ = _tables(bits, signed, codes.device)
+    if distribution_of(codes) is not None:  # FSDP2's shards (`quantize`)
+        from .distributed import dequantize_shards
+
+        return dequantize_shards(codes, absmax, size, values, dtype)
     out = torch.empty(n_blocks, size, dtype=torch.float32, device=codes.device)
     rows = max(1, CHUNK_NUMEL // size)
     per_row = size // (8 // bits)
@@ -291,6 +304,11 @@ class StateCodec:
         `params`, and every half-precision like-parameter entry (`rules`, the chain's kept
         state) where the chain computes in float32, as the chain computes it: `dtype`, the
         parameters' shapes."""
+        if self.state_bits == 4 and any(distribution_of(p) is not None and
+                                        p.numel() >= self.min_numel for p in params):
+            raise ValueError("state_bits=4 is not supported for FSDP2's sharded parameters (two "
+                             "codes share a byte, which a shard boundary may split); use "
+                             "state_bits=8")
         for key in [k for k in values if SCALE_TAG in k]:
             found = parse_scale_key(key)
             if found is None or found[0] not in values:
@@ -391,12 +409,19 @@ def split_encoded(values: Mapping[str, Any], param: torch.Tensor) -> tuple[dict,
         name, bits, signed = found
         codes, scales = out.get(name), out.pop(key)
         n_codes, n_scales = encoded_length(param.numel(), bits)
+        # (FSDP2's sharded parameters keep one code per element, shaped as the parameter)
+        shape = tuple(param.shape) if distribution_of(param) is not None else (n_codes,)
+        if shape == (n_codes,) and bits == 8 and isinstance(codes, torch.Tensor) and \
+                distribution_of(codes) is None and tuple(codes.shape) == tuple(param.shape) and \
+                tuple(codes.shape) != shape:
+            # an FSDP2 state gathered whole (a full state dict) on one process: flat, padded
+            codes = torch.nn.functional.pad(codes.reshape(-1), (0, n_codes - codes.numel()))
         if not isinstance(codes, torch.Tensor) or not isinstance(scales, torch.Tensor) or \
-                codes.dtype != torch.uint8 or codes.shape != (n_codes,) or \
+                codes.dtype != torch.uint8 or tuple(codes.shape) != shape or \
                 scales.shape != (n_scales,):
             raise ValueError(f"state {name!r}: {bits}-bit codes and scales that do not fit a "
-                             f"parameter of shape {tuple(param.shape)} (expected {n_codes} uint8 "
-                             f"codes and {n_scales} scales)")
+                             f"parameter of shape {tuple(param.shape)} (expected uint8 codes of "
+                             f"shape {shape} and {n_scales} scales)")
         originals[name] = (bits, signed, codes, scales)
         out[name] = dequantize(codes, scales.float(), bits, signed, tuple(param.shape))
     return out, originals

@@ -114,9 +114,12 @@ _AS_MADE = StateCodec(32, "nearest")
 
 
 def step(chain: Chain, path: Path, groups: Iterable[dict], state,
-         master_weights: bool = True, codec: StateCodec | None = None) -> None:
+         master_weights: bool = True, codec: StateCodec | None = None,
+         partition_group=None) -> None:
     """One optimizer step of `chain` over `groups` on `path`, its state stored by `codec`
-    (`optcraft.state_codecs`; None: as the chain makes it)."""
+    (`optcraft.state_codecs`; None: as the chain makes it).  `partition_group`: the process
+    group whose ranks hold the other parameters (ZeroRedundancyOptimizer's partitions: see
+    `optcraft.distributed.partitioned`), over which sums over every parameter are also taken."""
     plan = _plan(chain, path, list(groups), state)
     for i, stage in enumerate(chain.stages):
         if i > 0:
@@ -130,13 +133,12 @@ def step(chain: Chain, path: Path, groups: Iterable[dict], state,
                 run_bucket(path, stage, bucket, state, values, hyper, master_weights, sums,
                            codec)
         if stage.all_block is not None:
-            _all_block_stage(chain, stage, plan, sums, state)
+            _all_block_stage(chain, stage, plan, sums, state, partition_group)
 
 
-def _all_block_stage(chain: Chain, stage: Stage, plan: list, sums: dict, state) -> None:
-    totals = {k: sum_over_ranks(v) for k, v in sums.items()}
-    for name in chain.summed:
-        totals.setdefault(name, 0.0)
+def _all_block_stage(chain: Chain, stage: Stage, plan: list, sums: dict, state,
+                     partition_group=None) -> None:
+    totals = sum_over_ranks(sums, chain.summed, partition_group)
     for group, hyper, values, buckets in plan:
         _run_all_block(chain, stage.all_block, group, hyper, values, totals, state)
 

@@ -16,9 +16,10 @@ keywords) against them:
 
 The state keeps optcraft's names (`grad_avg`, `sqr_avg`, `step` as an int), so a checkpoint
 written by one path loads into any other.  A chain matching none of these has no fused form;
-`Optimizer(impl="fused")` then raises and `impl="auto"` uses the foreach path.  Where the kernel
-cannot take a bucket (FSDP2's sharded parameters, non-contiguous tensors) it runs on the foreach
-path.
+`Optimizer(impl="fused")` then raises and `impl="auto"` uses the foreach path.  FSDP2's sharded
+parameters run the kernel on each rank's local shards (the kernels are elementwise).  Where the
+kernel cannot take a bucket (non-contiguous tensors, a state tensor laid out otherwise than its
+parameter) it runs on the foreach path.
 """
 from __future__ import annotations
 
@@ -75,12 +76,49 @@ class FusedPath(ForeachPath):
                              f"'foreach' or 'compiled'")
 
     def run(self, stage: Stage, bucket, params: ParamList, values: dict, hyper: dict) -> dict:
-        # DTensor (FSDP2's sharded parameters) has no sharding rule for `_fused_sgd_` (torch
-        # 2.13): a sharded bucket runs the chain through foreach, which DTensor has.
-        if distribution_of(bucket.params[0]) is not None or \
-                not layouts_match(params.tensors, params.grad.tensors, values):
+        if distribution_of(bucket.params[0]) is not None:
+            return self._run_on_shards(stage, bucket, params, values, hyper)
+        if not layouts_match(params.tensors, params.grad.tensors, values):
             return super().run(stage, bucket, params, values, hyper)
         return {**values, **self.kernel(values, hyper, params.tensors, params.grad.tensors)}
+
+    def _run_on_shards(self, stage: Stage, bucket, params: ParamList, values: dict,
+                       hyper: dict) -> dict:
+        """FSDP2's sharded parameters (DTensors): DTensor has no sharding rule for torch's fused
+        kernels (torch 2.13), but they are elementwise, so they run on each rank's local shards
+        (`to_local()`, the same memory) of the parameters, gradients and state, where every one
+        of them is laid out as its parameter; the state they make is wrapped back into DTensors
+        laid out as the parameters (what torch.distributed.checkpoint saves and reshards).
+        Elsewhere (a pending-sum or differently laid out tensor) the chain runs on the foreach
+        path."""
+        from torch.distributed.tensor import DTensor
+
+        layout = distribution_of(bucket.params[0])
+        mesh, placements = layout
+        states = {k: v for k, v in values.items() if isinstance(v, TensorList)}
+        everything = [*params.tensors, *params.grad.tensors,
+                      *(t for v in states.values() for t in v.tensors)]
+        if any(p.is_partial() for p in placements) or \
+                any(distribution_of(t) != layout for t in everything):
+            return super().run(stage, bucket, params, values, hyper)
+        local = {k: TensorList([t.to_local() for t in v.tensors]) for k, v in states.items()}
+        local_params = [p.to_local() for p in params.tensors]
+        local_grads = [g.to_local() for g in params.grad.tensors]
+        if not layouts_match(local_params, local_grads, local):
+            return super().run(stage, bucket, params, values, hyper)
+        made = self.kernel({**values, **local}, hyper, local_params, local_grads)
+        found = dict(values)
+        for key, value in made.items():
+            if not isinstance(value, TensorList):
+                found[key] = value
+            elif key in states:  # (updated in place, through the local shards)
+                found[key] = states[key]
+            else:  # made at this step: laid out as the parameters
+                found[key] = TensorList([
+                    DTensor.from_local(t, mesh, placements, run_check=False, shape=p.shape,
+                                       stride=p.stride())
+                    for t, p in zip(value.tensors, params.tensors)])
+        return found
 
 
 def layouts_match(params, grads, values) -> bool:
