@@ -270,15 +270,18 @@ def torch_names(recipe):
     or in `add_param_group` they are refused with an error that says so, instead of being stored
     and silently ignored.  The optimizer records them as `fixed_args`.  Every named optimizer
     also takes `state_bits` and `rounding` (see `optcraft.state_codecs`), set on the optimizer it
-    builds where the recipe does not take them itself."""
+    builds where the recipe does not take them itself, and `capturable` (see
+    `Optimizer.set_capturable`)."""
     import functools
 
     signature = inspect.signature(recipe)
     first = next(iter(signature.parameters))
     storage = [k for k in STORAGE_KEYWORDS if k not in signature.parameters]
+    takes_capturable = "capturable" in signature.parameters
 
     @functools.wraps(recipe)
     def call(*args, **kwargs):
+        capturable = None if takes_capturable else kwargs.pop("capturable", None)
         stored_as = {k: kwargs.pop(k) for k in storage if k in kwargs}
         stored_as = {k: v for k, v in stored_as.items() if v is not None}  # None: the default
         if stored_as:
@@ -314,6 +317,8 @@ def torch_names(recipe):
         if stored_as:
             from .state_codecs import configure
             configure(opt, **stored_as)
+        if capturable is not None:
+            inner.set_capturable(capturable)
         return opt
 
     return call

@@ -171,8 +171,11 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
 
     def __init__(self, params, cbs, train_bn: bool = True, impl: str = "auto",
                  master_weights: bool = True, state_bits: int = 32, rounding: str | None = None,
-                 **defaults):
-        self.chains = _as_chains(cbs)
+                 capturable: bool = False, **defaults):
+        if not isinstance(capturable, bool):
+            raise TypeError(f"capturable must be True or False, got {capturable!r}")
+        self.capturable = capturable
+        self.chains = _as_chains(cbs, capturable)
         # The arguments a named recipe turned into the chain (set by `hypers.torch_names`).
         self.fixed_args, self.recipe_name = {}, None
         self.train_bn, self.frozen_idx = train_bn, 0
@@ -364,6 +367,25 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
         for group, written, k, value in pending:
             group[k] = written[k] = value
 
+    def set_capturable(self, capturable: bool) -> None:
+        """Keep the numbers the chains count (the step count) on the parameters' device, once per
+        group, written in place (`capturable=True`), so that a step can be captured in a CUDA
+        graph and replayed (see `engine.chain.on_device`), or as Python numbers per parameter
+        (False, the default).  Chosen before the first step: the state kept differs."""
+        if not isinstance(capturable, bool):
+            raise TypeError(f"capturable must be True or False, got {capturable!r}")
+        if capturable == self.capturable:
+            return
+        if any(self.state.values()):
+            raise RuntimeError("capturable is chosen before the optimizer's first step (its "
+                               "state is kept otherwise); build the optimizer with "
+                               "capturable=True")
+        chains = {name: Chain(chain.given, capturable) for name, chain in self.chains.items()}
+        for chain in chains.values():
+            engine.resolve(self.impl, chain)  # (a counted chain has no fused kernel: refused)
+        self.capturable, self.chains = capturable, chains
+        self.__dict__.pop("_path_objects", None)
+
     @torch.no_grad()
     def _step(self) -> None:
         """The step itself: the chain on every parameter with a gradient."""
@@ -494,6 +516,9 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
         checkpoints and torch.distributed.checkpoint keep it; so is `schedule_step` while a
         schedule is set."""
         sd = super().state_dict()
+        for group in sd["param_groups"]:  # (a later step writes the live group's own dict)
+            if engine.GROUP_STATE in group:
+                group[engine.GROUP_STATE] = dict(group[engine.GROUP_STATE])
         sd["schedule_step"] = self.schedule_step
         return sd
 
@@ -526,15 +551,15 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
         extra = {k: self.__dict__[k]
                  for k in ("train_bn", "frozen_idx", "impl", "master_weights", "fixed_args",
                            "recipe_name", "schedule_step", "_schedules", "_written",
-                           "state_bits", "rounding") if k in self.__dict__}
+                           "state_bits", "rounding", "capturable") if k in self.__dict__}
         extra["extra_state"] = self.extra_state
         # The callbacks are pickled; each `Chain` is worked out from them again.
-        chains = {name: chain.cbs for name, chain in self.chains.items()}
+        chains = {name: chain.given for name, chain in self.chains.items()}
         return {**super().__getstate__(), **extra, "chains": chains}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
-        state["chains"] = _as_chains(state["chains"])
+        state["chains"] = _as_chains(state["chains"], state.get("capturable", False))
         super().__setstate__(state)  # (also registers it for compiled graphs)
         # torch adds this flag on unpickling; it is not a hyperparameter of ours.
         dict.pop(self.defaults, "differentiable", None)
@@ -569,7 +594,7 @@ def _as_callbacks(cbs) -> list:
     return items
 
 
-def _as_chains(cbs) -> dict[str, Chain]:
+def _as_chains(cbs, capturable: bool = False) -> dict[str, Chain]:
     """One chain (named `MAIN`), or several by name."""
     if isinstance(cbs, dict):
         if not cbs:
@@ -577,8 +602,8 @@ def _as_chains(cbs) -> dict[str, Chain]:
         for name in cbs:
             if not isinstance(name, str):
                 raise TypeError(f"cbs: chains are named by strings, got {name!r}")
-        return {name: Chain(_as_callbacks(chain)) for name, chain in cbs.items()}
-    return {MAIN: Chain(_as_callbacks(cbs))}
+        return {name: Chain(_as_callbacks(chain), capturable) for name, chain in cbs.items()}
+    return {MAIN: Chain(_as_callbacks(cbs), capturable)}
 
 
 def _is_named(x) -> bool:

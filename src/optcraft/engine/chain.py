@@ -9,12 +9,14 @@ blocks on a bucket with `apply` (the paths differ in how they bucket and what th
 """
 from __future__ import annotations
 
+import inspect
 from collections import defaultdict
 from typing import Any, Callable, Sequence
 
 import torch
 
-from ..blocks.base import PerParam, Spec, StateRule, callback_name, spec_of, vectorised
+from ..blocks.base import (PerParam, Spec, StateRule, block, callback_name, group, spec_of,
+                          vectorised)
 from ..distributed import distribution_of, is_row_sharded, run_on_owners
 from ..tensorlist import ParamList, TensorList
 from .buckets import chunks
@@ -33,8 +35,10 @@ class Stage:
 class Chain:
     """The callbacks of one optimizer chain and what their specifications declare together."""
 
-    def __init__(self, cbs: Sequence[Callable]):
-        self.cbs = list(cbs)
+    def __init__(self, cbs: Sequence[Callable], capturable: bool = False):
+        #: the callbacks as given; `cbs` runs them, with `capturable`'s blocks (`on_device`)
+        self.given, self.capturable = list(cbs), capturable
+        self.cbs = [on_device(cb) if capturable and _counts(cb) else cb for cb in self.given]
         specs = [spec_of(cb) for cb in self.cbs]
         self.specs: list[tuple[Spec | None, dict]] = specs
         self.defaults: dict[str, Any] = {}
@@ -103,6 +107,52 @@ class Chain:
 
     def __repr__(self) -> str:
         return " -> ".join(self.names())
+
+
+def _counts(cb) -> bool:
+    """Whether `cb` is a block that keeps Python numbers (the step count) from numbers."""
+    spec, bound = spec_of(cb)
+    return spec is not None and spec.reads_for(bound) == "numbers" and \
+        bool(spec.entries("number"))
+
+
+def on_device(cb):
+    """A block that keeps numbers (`reads="numbers"`: the step count) as a chain built with
+    `capturable=True` runs it: once per group and step (`reads="all"`, on the parameters with a
+    gradient; not at all where none has one), its numbers kept in the group's state as 0-d
+    float32 tensors on the parameters' device and written in place.  The step then hands the
+    device no Python number that changes from step to step, and writes the count where the next
+    step reads it, so a CUDA graph that captured one step replays the next.  The count is the
+    group's: a parameter that had no gradient at a step is counted with its group."""
+    spec, bound = spec_of(cb)
+    numbers = set(spec.entries("number"))
+    fn = vectorised(cb)
+
+    def counted(p, **values):
+        if not p.tensors:
+            return {}
+        given = {k: v for k, v in values.items() if not (k in numbers and v is None)}
+        found = {}
+        for name, value in (fn(p, **given) or {}).items():
+            kept = values.get(name)
+            if name not in numbers:
+                found[name] = value
+            elif isinstance(kept, torch.Tensor):
+                found[name] = kept.copy_(value)
+            else:  # (the first step: the count made on the device)
+                found[name] = torch.as_tensor(value, dtype=torch.float32,
+                                              device=p.tensors[0].device).clone()
+        return found
+
+    counted.__name__ = counted.__qualname__ = f"{spec.name}_on_device"
+    hypers = {k: v for k, v in spec.hypers.items() if k not in bound}
+    state = {name: group(None) if name in numbers else rule for name, rule in spec.state.items()}
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    counted.__signature__ = inspect.Signature(
+        [inspect.Parameter("p", inspect.Parameter.POSITIONAL_ONLY),
+         *(inspect.Parameter(k, keyword, default=None) for k in (*hypers, *state)),
+         inspect.Parameter("values", inspect.Parameter.VAR_KEYWORD)])
+    return block(hypers=hypers, state=state, reads="all")(counted)
 
 
 def apply(cbs: Sequence[Callable], params: ParamList, values: dict, hyper: dict,

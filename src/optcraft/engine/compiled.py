@@ -145,8 +145,9 @@ class CompiledPath(ForeachPath):
             return eager()  # small tensors: the foreach path (see `buckets`)
         static, switches = self.chain.static, self.chain.switches
         merged = {**values, **hyper}
+        # (a tensor, a tensor lr or a count kept on the device, is an input of the graph)
         constants = {k: v for k, v in merged.items()
-                     if not isinstance(v, (list, TensorList))
+                     if not isinstance(v, (list, TensorList, torch.Tensor))
                      and (k in static or not _is_graph_number(v)
                           or (k in switches and is_zero(v)))}
         stage_index = self.chain.stages.index(stage)
