@@ -432,6 +432,9 @@ def parse_args(argv):
     parser.add_argument("--device", default="cpu",
                         help="where the parameters live: cpu (default), cuda, cuda:1, ...")
     parser.add_argument("--no-torch", action="store_true", help="skip torch.optim's variants")
+    parser.add_argument("--ranks", metavar="N,N,...",
+                        help="Muon under FSDP2 on N processes each instead (optcraft."
+                             "bench_distributed; `optcraft bench --ranks 1 --help`)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     parser.add_argument("--state-bits", default=None, metavar="BITS",
                         help="comma-separated state bits for optcraft's candidates (32, 16, 8, "

@@ -316,7 +316,7 @@ def table(rows: list[dict], numel: int, markdown: bool = False) -> str:
 def parse_args(argv):
     from .bench import PARAM_SETS
 
-    parser = argparse.ArgumentParser(prog="optcraft bench --ranks",
+    parser = argparse.ArgumentParser(prog="optcraft bench",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", required=True, metavar="N,N,...",
                         help="comma-separated numbers of processes, e.g. 1,2,4")
