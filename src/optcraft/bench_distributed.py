@@ -210,7 +210,8 @@ def run_ranks(shapes: list, world: int, steps: int = 3, warmup: int = 1,
     """Muon's step under FSDP2 on `world` spawned processes: each rank's results (`times`, the
     step's seconds; `bytes` and `calls` per collective and `sent` in all, from `SentBytes`;
     `matrices`, those it orthogonalised; `predicted`, `predicted_bytes` for the owners
-    `optcraft.distributed.assign_owners` gives; rank 0's `params`, whole, after the last step)."""
+    `optcraft.distributed.assign_owners` gives the whole list, as the step assigns them when the
+    matrices are one bucket; rank 0's `params`, whole, after the last step)."""
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
@@ -277,7 +278,7 @@ def measure(shapes: list, ranks: list[int], steps: int, warmup: int, progress=No
                      "predicted_mib": [r["predicted"] / 2**20 for r in results],
                      "model_x": max(matrix) / (4 * numel),
                      "other_bytes": max(r["sent"] - m for r, m in zip(results, matrix))})
-        say(f"{world} ranks: {rows[-1]['step_ms']:.0f} ms")
+        say(f"{world} rank{'s' if world > 1 else ''}: {rows[-1]['step_ms']:.0f} ms")
     after, _ = single_process(shapes, steps, warmup)
     reference = statistics.median(before + after)
     for row in rows:
