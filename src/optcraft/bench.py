@@ -26,6 +26,9 @@ time over the same optimizer's and impl's with float32 state (`x 32-bit state`).
 `--device cuda` runs it all on a GPU: the steps are timed between `torch.cuda.synchronize()` calls,
 so a row is the step's whole time on the device, launches included.
 
+`--ranks 1,2,4` times Muon's step under FSDP2 on that many processes instead, with the bytes
+each rank sends (`optcraft.bench_distributed`, which has its own options).
+
     python -m optcraft.bench --params gpt2-small --optimizers Adam,Lamb --impls auto,compiled
     python -m optcraft.bench --params gpt2-small --optimizers Adam --impls foreach \
         --state-bits 32,16,8,4 --no-torch
@@ -429,6 +432,9 @@ def parse_args(argv):
     parser.add_argument("--device", default="cpu",
                         help="where the parameters live: cpu (default), cuda, cuda:1, ...")
     parser.add_argument("--no-torch", action="store_true", help="skip torch.optim's variants")
+    parser.add_argument("--ranks", metavar="N,N,...",
+                        help="Muon under FSDP2 on N processes each instead (optcraft."
+                             "bench_distributed; `optcraft bench --ranks 1 --help`)")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     parser.add_argument("--state-bits", default=None, metavar="BITS",
                         help="comma-separated state bits for optcraft's candidates (32, 16, 8, "
@@ -472,7 +478,12 @@ def _choices(parser, flag: str, text: str, known) -> list[str]:
 
 
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--ranks" or a.startswith("--ranks=") for a in argv):
+        # Muon under FSDP2 on several processes: its own options (optcraft.bench_distributed)
+        from . import bench_distributed
+        return bench_distributed.main(argv)
+    args = parse_args(argv)
     scale = 16 if args.size == "smoke" else 1
     copy_bytes = 32 * MiB if args.size == "smoke" else 512 * MiB
     bandwidth = copy_bandwidth(copy_bytes, device=args.device)
