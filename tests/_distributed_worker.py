@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import optcraft as oc
 from optcraft import distributed as oc_distributed
@@ -88,6 +89,28 @@ def muon_and_adam(params, muon_lr, adam_lr):
                     oc.part(oc.Adam, name="adamw", lr=adam_lr))
 
 
+class _Passthrough(TorchDispatchMode):
+    """A dispatch mode that changes nothing, as a profiler's or a FLOP counter's does not: under
+    one, torch's in-place foreach operations leave a tensor's `_version` as it was (torch 2.13)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def muon_and_adam_in_a_dispatch_mode(params, muon_lr, adam_lr):
+    """`muon_and_adam` whose steps run in a dispatch mode (`_Passthrough`): under FSDP2 the
+    matrices' owners must still send back what Muon wrote."""
+    opt = muon_and_adam(params, muon_lr, adam_lr)
+    step = opt.step
+
+    def step_in_a_mode(closure=None):
+        with _Passthrough():
+            return step(closure)
+
+    opt.step = step_in_a_mode
+    return opt
+
+
 def soap_and_adam(params, soap_lr, adam_lr):
     """SOAP for the matrices of more than one row, with `max_precond_dim=6`, Adam for the rest.
 
@@ -125,6 +148,8 @@ OPTIMIZERS = {
     # (factored statistics of the matrices, full ones of the biases), SOAP on two matrices (an
     # eigenbasis refreshed every 3 steps: at steps 4 and 7, on both sides of the checkpoint)
     "Muon+Adam": (muon_and_adam, dict(muon_lr=0.02, adam_lr=0.01)),
+    "Muon+Adam-in-a-dispatch-mode": (muon_and_adam_in_a_dispatch_mode,
+                                     dict(muon_lr=0.02, adam_lr=0.01)),
     "Adafactor": (oc.Adafactor, dict(lr=0.01)),
     "SOAP+Adam": (soap_and_adam, dict(soap_lr=0.01, adam_lr=0.01)),
     # learning-rate-free: group state (schedule-free's weight sum, Prodigy's d) and, for Prodigy,
@@ -143,7 +168,8 @@ if os.environ.get("OPTCRAFT_DISTRIBUTED_ONLY"):
                   if k in os.environ["OPTCRAFT_DISTRIBUTED_ONLY"].split(",")}
 #: Optimizers given two parameter groups, those their first part takes then the rest (see
 #: `param_groups`).
-SPLIT = {"Muon+Adam": _is_matrix, "SOAP+Adam": _is_wide_matrix}
+SPLIT = {"Muon+Adam": _is_matrix, "Muon+Adam-in-a-dispatch-mode": _is_matrix,
+         "SOAP+Adam": _is_wide_matrix}
 #: Optimizers with sums over every parameter: under ZeroRedundancyOptimizer each rank's optimizer
 #: holds a partition of the parameters, and `optcraft.distributed.partitioned` makes it add its
 #: sums over the ranks (docs/integration.md).

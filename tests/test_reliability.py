@@ -285,3 +285,28 @@ def test_ten_thousand_steps(name):
     assert state_size(opt) == size_after_first
     assert loss.item() < first_loss
     assert math.isfinite(loss.item())
+
+
+def test_an_empty_group_dict_is_kept_as_torch_keeps_it():
+    """A group dict with no parameters (ZeroRedundancyOptimizer hands one to a rank that holds no
+    parameter of a group; `add_param_group({"params": []})`) is taken as torch.optim takes it:
+    the other groups step as torch's AdamW steps them, and the checkpoint round-trips."""
+    torch.manual_seed(0)
+    p = leaf(4, 3)
+    q = p.detach().clone().requires_grad_()
+    ours = oc.Adam([{"params": []}, {"params": [p], "lr": 0.1}], lr=0.01, sqr_mom=0.999,
+                   eps=1e-8)
+    theirs = torch.optim.AdamW([{"params": []}, {"params": [q], "lr": 0.1}], lr=0.01)
+    ours.add_param_group({"params": []})
+    theirs.add_param_group({"params": []})
+    for _ in range(3):
+        g = torch.randn(4, 3)
+        p.grad, q.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    torch.testing.assert_close(p, q)
+    saved = ours.state_dict()
+    assert [g["params"] for g in saved["param_groups"]] == \
+        [g["params"] for g in theirs.state_dict()["param_groups"]]
+    ours.load_state_dict(saved)
+    assert [len(g["params"]) for g in ours.param_groups] == [0, 1, 0]

@@ -17,6 +17,7 @@ import math
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
 def distribution_of(t: torch.Tensor):
@@ -513,8 +514,11 @@ def run_on_owners(fn, params, values: dict, hyper: dict) -> dict:
             given[k] = TensorList(elements) if isinstance(v, TensorList) else PerParam(elements)
         result = fn(owned, **{**values, **given, **hyper})
         result = result if isinstance(result, dict) else {}
+        # Under a Python dispatch mode (a profiler's, a FLOP counter: torch 2.13) torch's in-place
+        # foreach operations leave `_version` as it was: every tensor is then sent back.
+        unversioned = _get_current_dispatch_mode() is not None
         for (slot, i), version in versions.items():
-            if whole[(slot, i)]._version != version:
+            if unversioned or whole[(slot, i)]._version != version:
                 described["written"].setdefault(i, []).append(slot)
         for key, value in result.items():
             if not isinstance(value, (TensorList, PerParam, list, tuple)):

@@ -306,8 +306,6 @@ class Optimizer(_FastaiAPI, torch.optim.Optimizer):
             raise ValueError(f"{where}no 'params'")
         group["params"] = [params] if isinstance(params, torch.Tensor) else \
             (params if isinstance(params, set) else list(params))
-        if len(group["params"]) == 0:
-            raise ValueError(f"{where}empty parameter list")
         tensors = [p[1] if _is_named(p) else p for p in group["params"]]
         for p in tensors:
             if isinstance(p, torch.Tensor) and p.is_sparse:
