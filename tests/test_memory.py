@@ -464,3 +464,51 @@ def test_compare_takes_state_bits():
     with pytest.raises(CLIError, match="--state-bits"):
         parse_state_bits("6")
     assert run_label("Adam", 8) == "Adam 8-bit" and run_label("Adam", None, True) == "Adam bf16"
+
+
+# ---- bytes of state per parameter, as `optcraft list` prints them ----------------------------
+
+def tensor_bytes(st: dict) -> int:
+    return sum(v.numel() * v.element_size() for v in st.values() if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.parametrize("name", NAMED)
+def test_state_bytes_from_the_specification_are_the_bytes_kept(name):
+    """`Chain.state_bytes(p, state_bits=...)` (what `optcraft list` prints, per element of a
+    1024 x 1024 weight) is worked out from the blocks' declarations and the codec's rules; here
+    it is checked against the bytes of the tensors an optimizer really keeps after two steps, at
+    each setting (entry by entry, for the entries it made; optional ones, which the total counts
+    as if made, only once their switch is on), for a weight above the quantisation threshold whose size is no multiple of a
+    block (4,550 elements: the last block's padding is counted) and a bias below it (kept as at
+    32 bits).  What a wrapper adds (Lookahead's slow weights) is counted at 4 bytes."""
+    entry = registry.get(name)
+    g = torch.Generator().manual_seed(0)
+    for bits in sc.STATE_BITS:
+        w = (torch.randn(70, 65, generator=g) * 0.1).requires_grad_()
+        b = (torch.randn(65, generator=g) * 0.1).requires_grad_()
+        opt = entry.make([w, b], lr=1e-3, state_bits=bits)
+        for _ in range(2):
+            w.grad, b.grad = torch.randn(70, 65, generator=g), torch.randn(65, generator=g)
+            opt.step()
+        inner = opt
+        while not hasattr(inner, "chains"):
+            inner = inner.opt
+        for group in inner.param_groups:
+            chain = inner._chain_of(group)
+            for p in group["params"]:
+                held = {**inner.state[p], **opt.state[p]}
+                added = [k for k, v in held.items() if isinstance(v, torch.Tensor)
+                         and k not in chain.kept and sc.SCALE_TAG not in k]  # a wrapper's
+                codec = sc.StateCodec(bits)
+                # (an optional entry, RMSProp's momentum, is made only once its switch is on)
+                present = {k: rule for k, rule in chain.kept.items()
+                           if inner.state[p].get(k) is not None}
+                assert chain.required_state(p) <= set(present)
+                expected = sum(codec.stored_bytes(p, rule) for rule in present.values()) + \
+                    4 * p.numel() * len(added)
+                kept = tensor_bytes(held)
+                assert kept == expected, (name, bits, tuple(p.shape), dict(inner.state[p]))
+                assert kept <= chain.state_bytes(p, state_bits=bits) + 4 * p.numel() * len(added)
+    if name == "Adam":
+        assert [entry.state_bytes_at(b) for b in sc.STATE_BITS] == \
+            [8.0, 4.0, 2 * (1 + 4 / 256), 2 * (0.5 + 4 / 128)]

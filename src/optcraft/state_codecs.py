@@ -285,6 +285,21 @@ class StateCodec:
             return ("dtype", torch.bfloat16)
         return ("dtype", None)
 
+    def stored_bytes(self, param: torch.Tensor, rule, dtype: torch.dtype | None = None) -> int:
+        """The bytes state entry `rule` of `param` is kept in, by the rules `encode` follows:
+        codes and block scales where it is quantised, bfloat16 at 16 bits, else `dtype` (the
+        dtype the chain makes it in; default the parameter's) for entries never encoded.  From
+        the specification alone: `param` may be on the meta device."""
+        numel = rule.numel_for(param)
+        size = torch.empty((), dtype=dtype or param.dtype).element_size()
+        if not numel or not self.encodes(param, rule) or param.is_complex():
+            return numel * size
+        fmt = self.format_for(param, rule)
+        if fmt[0] == "quantized":
+            codes, scales = encoded_length(numel, fmt[1])
+            return codes + scales * 4  # uint8 codes, float32 scales
+        return numel * (size if fmt[1] is None else torch.empty((), dtype=fmt[1]).element_size())
+
     # -- around the chain (engine.run_bucket) --
     def decode(self, values: dict, params: list, dtype: torch.dtype, rules: Mapping) -> dict:
         """`values` (a bucket's gathered state) with every encoded entry of the parameters
