@@ -171,13 +171,14 @@ def run_bucket(path: Path, stage: Stage, bucket: Bucket, state, group_values: di
     eager = get_eval_frame_callback() is None  # (not under dynamo)
     inputs = _bucket_inputs if eager else _DISABLED[_bucket_inputs]
     outputs = _bucket_outputs if eager else _DISABLED[_bucket_outputs]
-    masters, params, values = inputs(path, bucket, state, group_values, master_weights, codec)
+    masters, params, values = inputs(path, bucket, state, group_values, master_weights, codec,
+                                     eager)
     values = path.run(stage, bucket, params, values, hyper)
     outputs(path, bucket, state, group_values, values, sums, masters, master_weights, codec)
 
 
 def _bucket_inputs(path: Path, bucket: Bucket, state, group_values: dict, master_weights: bool,
-                   codec: StateCodec):
+                   codec: StateCodec, own_graph: bool = True):
     masters = None
     with_master = precision.uses_master(bucket.params[0].dtype, master_weights)
     if with_master or codec.stochastic_params(bucket.params[0].dtype, with_master):
@@ -191,7 +192,7 @@ def _bucket_inputs(path: Path, bucket: Bucket, state, group_values: dict, master
         params = ParamList(bucket.params, bucket.grads)
     values = {**group_values, **bucket.gather(state)}
     values.pop(precision.MASTER, None)
-    values = codec.decode(values, bucket.params, params.tensors[0].dtype, path.chain.kept)
+    values = path.decode(codec, values, bucket, params.tensors[0].dtype, own_graph)
     return masters, params, values
 
 

@@ -77,6 +77,7 @@ from .. import compiler_hints as hints
 from ..blocks.base import block, is_zero, spec_of, vectorised
 from ..blocks.layerwise import _LAMB, lamb_direction, lamb_ratio, lamb_trust_ratio
 from ..blocks.base import transient
+from ..state_codecs import StateCodec, decode_quantized, decode_traced, encode_traced
 from ..tensorlist import ParamList, TensorList
 from .buckets import Bucket, chunks, make_buckets
 from .chain import Chain, Stage, apply
@@ -139,12 +140,28 @@ class CompiledPath(ForeachPath):
             pieces += [bucket.with_params(piece) for piece in found]
         return pieces
 
+    def decode(self, codec: StateCodec, values: dict, bucket, dtype: torch.dtype,
+               own_graph: bool = True) -> dict:
+        """As every path does, but quantised entries already in the codec's format stay encoded
+        for a piece this path may compile: its graph decodes them, runs the chain and encodes
+        them again (`state_codecs.decode_traced`), all fused by inductor; `run` decodes them
+        itself where it runs the piece eagerly."""
+        keep = frozenset()
+        if own_graph and not all(_is_small(p) for p in bucket.params):
+            keep = codec.in_own_format(values, bucket.params, self.chain.kept)
+        return codec.decode(values, bucket.params, dtype, self.chain.kept, keep)
+
     def run(self, stage: Stage, bucket, params: ParamList, values: dict, hyper: dict) -> dict:
+        def eager():
+            # (entries `decode` left encoded for the graph, decoded here; encoded after the step
+            # by the engine, as on the other paths)
+            decode_quantized(values, bucket.params, params.tensors[0].dtype)
+            return ForeachPath.run(self, stage, bucket, params, values, hyper)
+
         if torch.compiler.is_compiling():
             # Under dynamo (a user's torch.compile): dynamo compiles the chain itself, as the
             # foreach path writes it (`compiler_hints.compiling()` is true); no tracing of ours.
-            return super().run(stage, bucket, params, values, hyper)
-        eager = functools.partial(super().run, stage, bucket, params, values, hyper)
+            return eager()
         if all(_is_small(t) for t in params.tensors):
             return eager()  # small tensors: the foreach path (see `buckets`)
         static, switches = self.chain.static, self.chain.switches
@@ -318,7 +335,10 @@ def _bucket_step(cbs, params, grads, values, hyper, given) -> dict[str, Any]:
     values = {k: TensorList(v) if isinstance(v, list) else v for k, v in values.items()}
     cbs = [functools.partial(_given, result=given[i]) if i in given else cb
            for i, cb in enumerate(cbs)]
+    # quantised state (8/4-bit codes and their scales) is decoded and encoded in the graph
+    formats = decode_traced(values, [tuple(p.shape) for p in params], params[0].dtype)
     result = apply(cbs, ParamList(params, grads), values, hyper)
+    encode_traced(result, formats)
     return {k: _plain(v) for k, v in result.items()}
 
 
