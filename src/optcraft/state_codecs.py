@@ -155,10 +155,12 @@ def _encode_rows(rows: torch.Tensor, bits: int, find) -> tuple[torch.Tensor, tor
     rows = rows.float()
     top = rows.abs().amax(dim=1)
     normed = rows / top.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
-    found = find(normed.reshape(-1))
+    # (kept in blocks: traced, the codes are then computed in the loop over a block that
+    # finds its absmax)
+    found = find(normed)
     if bits == 4:
-        found = found[0::2] | (found[1::2] << 4)
-    return found.to(torch.uint8), top
+        found = found[:, 0::2] | (found[:, 1::2] << 4)
+    return found.to(torch.uint8).reshape(-1), top
 
 
 def _search_codes(mids: torch.Tensor):
@@ -199,8 +201,8 @@ def _code_lookup(bits: int, signed: bool) -> tuple:
 
 def nearest_codes(normed: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
     """The codes (int32) of `normed` (values divided by their block's absmax) exactly as the
-    binary search of `quantize` finds them (the nearest code, the lower on a tie; a NaN gets the
-    last code), element by element with no search: the top bits of |value|'s float32 pattern
+    binary search of `quantize` finds them (the nearest code, the lower on a tie; a NaN, or a
+    value above 1, gets the last code, one below -1 the first), element by element with no search: the top bits of |value|'s float32 pattern
     pick a range of [0, 1] holding at most one midpoint between codes (`_code_lookup`), and one
     comparison with it settles the code.  Two table reads and a few operations an element, so
     that a compiled step (inductor) fuses it into its loops, where a search is a call of its
@@ -209,7 +211,7 @@ def nearest_codes(normed: torch.Tensor, bits: int, signed: bool) -> torch.Tensor
     below = torch.tensor(below, dtype=torch.int32, device=normed.device)
     inside = torch.tensor(inside, dtype=torch.float32, device=normed.device)
     size = abs(normed)
-    where = ((size.view(torch.int32) >> shift) - first).clamp(0, below.numel() - 1).long()
+    where = ((size.view(torch.int32) >> shift) - first).clamp(0, below.numel() - 1)
     count, mid = below[where], inside[where]
     if signed:
         # value -t: the codes below 0 mirror those above it, and its tie goes to the larger
@@ -218,7 +220,11 @@ def nearest_codes(normed: torch.Tensor, bits: int, signed: bool) -> torch.Tensor
                            zero - count - (mid <= size).to(torch.int32))
     else:
         code = count + (mid < size).to(torch.int32)
-    return torch.where(normed.isnan(), len(code_map(bits, signed)) - 1, code)
+    # |value| <= 1 but for a NaN (and an inf, which no block divided by its absmax leaves):
+    # the last code, as the search gives them (a comparison, where `isnan` is no vector
+    # operation in inductor's CPU code)
+    return torch.where(size <= 1.0, code,
+                       torch.where(normed < 0, 0, len(code_map(bits, signed)) - 1))
 
 
 def _decode_rows(codes: torch.Tensor, absmax: torch.Tensor, bits: int,
