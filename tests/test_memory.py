@@ -475,6 +475,61 @@ def test_8bit_adam_is_as_close_to_float32_as_torchaos_adamw8bit():
     assert ours <= 1.5 * theirs
 
 
+@pytest.mark.slow
+def test_8bit_adam_meets_bitsandbytes_own_bounds_as_adam8bit_does():
+    """Against bitsandbytes' `Adam8bit` (block-wise, 256-element blocks, its dynamic map), when
+    bitsandbytes is installed (it is not a dependency; 0.50 runs its 8-bit optimizers on CPU
+    tensors), with the bounds bitsandbytes' own test (`test_optimizer8bit`, float32) holds it to
+    against float32 `torch.optim.Adam` (defaults), by the same procedure: 100 steps of gradients
+    0.01 * randn on weights 0.1 * randn; after each, at most 5 weights outside
+    isclose(atol=1e-5, rtol=1e-3) of float32 Adam's, fewer than 20 elements of each decoded
+    moment outside isclose(atol=3e-3, rtol=1e-3), mean absolute error under 1.2e-4 and mean
+    relative error under 1.2e-3; then, as there, the 8-bit run takes the float32 weights and
+    the float32 run the decoded moments, so that each step is compared, not a drift.  Both
+    optimizers are held to it side by side."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from bitsandbytes import functional as bnb_functional
+
+    torch.manual_seed(0)
+    shape = (256, 512)
+    start = torch.randn(shape) * 0.1
+    runs = {}
+    for name in ("optcraft", "bitsandbytes"):
+        p, p32 = start.clone().requires_grad_(), start.clone().requires_grad_()
+        opt = oc.Adam([p], lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=0.0, state_bits=8) \
+            if name == "optcraft" else bnb.optim.Adam8bit([p])
+        runs[name] = (p, opt, p32, torch.optim.Adam([p32]))
+
+    def moments(name, opt, p):
+        st = opt.state[p]
+        if name == "optcraft":
+            return (sc.dequantize(st["grad_avg"], st["grad_avg.absmax.8s"], 8, True, shape),
+                    sc.dequantize(st["sqr_avg"], st["sqr_avg.absmax.8u"], 8, False, shape))
+        return tuple(bnb_functional.dequantize_blockwise(
+            st[f"state{i}"], absmax=st[f"absmax{i}"], code=st[f"qmap{i}"], blocksize=256)
+            for i in (1, 2))
+
+    def outside(a, b, atol, rtol):
+        return (~torch.isclose(a, b, atol=atol, rtol=rtol)).sum().item()
+
+    for _ in range(100):
+        g = torch.randn(shape) * 0.01
+        for name, (p, opt, p32, ref) in runs.items():
+            p.grad, p32.grad = g.clone(), g.clone()
+            opt.step()
+            ref.step()
+            m, v = moments(name, opt, p)
+            assert outside(p32, p.detach(), 1e-5, 1e-3) <= 5, name
+            assert outside(ref.state[p32]["exp_avg"], m, 3e-3, 1e-3) < 20, name
+            assert outside(ref.state[p32]["exp_avg_sq"], v, 3e-3, 1e-3) < 20, name
+            error = (p32 - p).abs()
+            assert error.mean() < 1.2e-4 and (error / (p32.abs() + 1e-9)).mean() < 1.2e-3, name
+            with torch.no_grad():
+                p.copy_(p32)
+            ref.state[p32]["exp_avg"].copy_(m)
+            ref.state[p32]["exp_avg_sq"].copy_(v)
+
+
 def test_evaluation_point_reads_the_decoded_state():
     """`opt.eval()` hands a block's `eval_point` function the state decoded (a block keeping
     a like-parameter point `z` and evaluating there)."""
