@@ -54,6 +54,12 @@ write back a line just read at little more than the cost of the read, reads are 
 for.  On a GPU, where every byte moved counts alike, both
 forms move as many bytes, and the chain stays one graph.
 
+Quantised state (`state_bits=8` or `4`, `optcraft.state_codecs`) enters a piece's graph as it is
+stored, codes and block scales: the graph decodes it, runs the chain and encodes the new state
+(`state_codecs.decode_traced` / `encode_traced`, codes found by a table lookup rather than a
+search, `nearest_codes`), so inductor fuses the codec into the step's loops (`CompiledPath.decode`
+keeps those entries encoded; a piece run eagerly decodes them in `run`).
+
 Compiled code is cached across processes by inductor's on-disk cache (`TORCHINDUCTOR_CACHE_DIR`,
 by default under the system's temporary folder): a warm start skips code generation, and pays
 for the tracing and for inductor's own start-up (importing it, probing the CPU's vector
