@@ -34,6 +34,14 @@ def test_floor_counts_the_bytes_adam_must_move():
     sgd = oc.SGD(params, lr=1e-3)  # no state: read p and g, write p
     sgd.step()
     assert bench.floor_seconds(sgd, bandwidth=1.0) == 3 * 4 * 105
+    # 8-bit state of a 64 x 128 weight: two moments of 8,192 one-byte codes and 32 float32
+    # scales each, read and written
+    w = torch.zeros(64, 128, requires_grad=True)
+    w.grad = torch.ones_like(w)
+    small = oc.Adam([w], lr=1e-3, state_bits=8)
+    small.step()
+    assert bench.floor_seconds(small, bandwidth=1.0) == \
+        3 * 4 * 8192 + 2 * 2 * (8192 + 4 * 32)
 
 
 def test_candidates_are_ours_in_each_impl_next_to_torchs():
