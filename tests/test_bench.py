@@ -34,6 +34,14 @@ def test_floor_counts_the_bytes_adam_must_move():
     sgd = oc.SGD(params, lr=1e-3)  # no state: read p and g, write p
     sgd.step()
     assert bench.floor_seconds(sgd, bandwidth=1.0) == 3 * 4 * 105
+    # 8-bit state of a 64 x 128 weight: two moments of 8,192 one-byte codes and 32 float32
+    # scales each, read and written
+    w = torch.zeros(64, 128, requires_grad=True)
+    w.grad = torch.ones_like(w)
+    small = oc.Adam([w], lr=1e-3, state_bits=8)
+    small.step()
+    assert bench.floor_seconds(small, bandwidth=1.0) == \
+        3 * 4 * 8192 + 2 * 2 * (8192 + 4 * 32)
 
 
 def test_candidates_are_ours_in_each_impl_next_to_torchs():
@@ -85,3 +93,45 @@ def test_bad_arguments_are_refused_by_name(argv, message, capsys):
         bench.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_state_bits_rows_measure_the_state_kept(capsys):
+    """`--state-bits 32,8,4`: a row per setting for each impl, with the bytes of state per
+    parameter, here worked out from the parameter shapes by the documented format (Adam's two
+    moments; at 8 and 4 bits a tensor of at least 4,096 elements keeps a code per element, a
+    byte or half of one, and a float32 scale per block of 256 or 128 elements, the last block
+    padded; a smaller one stays float32), and the step time over the 32-bit row's (1.00 for
+    that row itself).  Timings are not checked."""
+    status = bench.main(["--size", "smoke", "--params", "gpt2-small", "--optimizers", "Adam",
+                         "--impls", "foreach", "--state-bits", "32,8,4", "--steps", "1",
+                         "--warmup", "0", "--no-torch", "--markdown"])
+    assert status == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    head = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert head[-2:] == ["state B/param", "x 32-bit state"]
+    rows = {cells[1]: dict(zip(head, cells)) for cells in
+            ([cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:])}
+    assert list(rows) == ["torch AdamW fused", "optcraft Adam foreach 32-bit",
+                          "optcraft Adam foreach 8-bit", "optcraft Adam foreach 4-bit"]
+    assert rows["torch AdamW fused"]["state B/param"] == "-"
+    shapes = bench.gpt2_small(16)
+    numel = sum(math.prod(s) for s in shapes)
+
+    def per_param(bits):
+        total = 0
+        for shape in shapes:
+            n = math.prod(shape)
+            if bits == 32 or n < 4096:
+                total += 2 * 4 * n
+            else:
+                block = {8: 256, 4: 128}[bits]
+                blocks = -(-n // block)
+                total += 2 * (blocks * block * bits // 8 + 4 * blocks)
+        return total / numel
+    for bits in (32, 8, 4):
+        row = rows[f"optcraft Adam foreach {bits}-bit"]
+        assert row["state B/param"] == f"{per_param(bits):.2f}"
+        assert float(row["x 32-bit state"]) > 0
+        assert float(row["peak extra MiB"]) >= 0
+    assert rows["optcraft Adam foreach 32-bit"]["x 32-bit state"] == "1.00"
+    assert per_param(8) < 2.6 and per_param(4) < 1.7  # (smoke size: many small tensors)

@@ -281,14 +281,24 @@ def test_list_shows_every_optimizer_with_chain_state_and_paper(run_main):
     status, out, err = run_main("list")
     assert status == 0, err
     lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert lines["name"].split()[1:9] == ["32-bit", "state", "16-bit", "state", "8-bit", "state",
+                                          "4-bit", "state"]
     for entry in registry.entries():
         line = lines[entry.name]
         assert f" {entry.state_bytes:.3g} B " in line
+        # the bytes at state_bits 32, 16, 8, 4, in that order (tests/test_memory.py checks them
+        # against the tensors an optimizer keeps)
+        assert line.split()[1:9] == [x for bits in (32, 16, 8, 4)
+                                     for x in (f"{entry.state_bytes_at(bits):.3g}", "B")]
         assert entry.chain[-1] in line
         assert entry.paper in line
     # float32 state: Adam's two moments, and ranger's (RAdam's two and Lookahead's slow weights)
     assert "adam_step" in lines["Adam"] and " 8 B " in lines["Adam"]
     assert "Lookahead" in lines["ranger"] and " 12 B " in lines["ranger"]
+    # 8 bits: a byte of code a moment and a float32 scale per 256 elements; Lookahead's slow
+    # weights stay float32
+    assert lines["Adam"].split()[1:9] == ["8", "B", "4", "B", "2.03", "B", "1.06", "B"]
+    assert lines["ranger"].split()[5:7] == ["6.03", "B"]
 
 
 def test_show_one_optimizer(run_main):
@@ -297,7 +307,8 @@ def test_show_one_optimizer(run_main):
     assert out.startswith("Adam: ")
     assert "weight_decay > average_grad(dampening=True) > average_sqr_grad > step_stat > " \
            "adam_step" in out
-    assert "8 B, 2x parameter-sized (grad_avg, sqr_avg)" in out
+    assert "8 B, 2x parameter-sized (grad_avg, sqr_avg); 16-bit 4 B, 8-bit 2.03 B, 4-bit 1.06 B" \
+        in out
     assert "arXiv:1412.6980" in out
     assert "mom=0.9, sqr_mom=0.99, eps=1e-05, wd=0.01" in out
 

@@ -277,13 +277,18 @@ def copy_bandwidth(nbytes: int = 512 * MiB, repeats: int = 5,
 
 def floor_seconds(optimizer: torch.optim.Optimizer, bandwidth: float) -> float:
     """The bytes a step must move over the bandwidth: each parameter read and written, its
-    gradient read, and each parameter-sized state tensor read and written."""
+    gradient read, and each parameter-sized state tensor read and written, at its own size
+    (8-/4-bit state: its codes and block scales)."""
     total = 0
     for group in optimizer.param_groups:
         for p in group["params"]:
-            kept = sum(1 for v in optimizer.state.get(p, {}).values()
-                       if isinstance(v, torch.Tensor) and v.numel() == p.numel() and p.numel() > 1)
-            total += p.numel() * p.element_size() * (3 + 2 * kept)
+            st = optimizer.state.get(p, {})
+            encoded = {k for k in st if state_codecs.parse_scale_key(k) is not None}
+            encoded |= {state_codecs.parse_scale_key(k)[0] for k in encoded}
+            moved = sum(v.numel() * v.element_size() for k, v in st.items()
+                        if isinstance(v, torch.Tensor) and
+                        (k in encoded or (v.numel() == p.numel() and p.numel() > 1)))
+            total += 3 * p.numel() * p.element_size() + 2 * moved
     return total / bandwidth
 
 

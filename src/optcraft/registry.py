@@ -26,6 +26,7 @@ import torch
 
 from .blocks.base import callback_name
 from .hypers import EXECUTION_KEYWORDS
+from .state_codecs import STATE_BITS
 from .optimizers import classic
 
 
@@ -120,7 +121,12 @@ class Entry:
     def state_bytes(self) -> float:
         """Bytes of state it keeps per parameter element of a float32 1024 x 1024 weight, from
         its blocks' specifications (Adam: 8.0; a factored statistic costs a fraction)."""
-        return _introspect(self)[4]
+        return self.state_bytes_at(32)
+
+    def state_bytes_at(self, state_bits: int) -> float:
+        """`state_bytes` with the state stored at `state_bits` (`optcraft.state_codecs`: Adam
+        at 8 bits keeps 2 x (1 + 4/256) bytes, codes and a float32 scale per 256 elements)."""
+        return dict(_introspect(self)[4])[state_bits]
 
     @property
     def hyperparameters(self) -> dict:
@@ -154,9 +160,13 @@ def _introspect_cached(name: str, factory, settings_items: tuple, lr: float):
     ordered = tuple(dict.fromkeys([k for k in declared if k in sized] +
                                   [k for k in sized if k not in declared]))
     typical = torch.empty(TYPICAL_WEIGHT, device="meta")
-    declared_bytes = max((chain.state_bytes(typical) for chain in chains), default=0)
+    # What a wrapper adds (Lookahead's slow weights) is not the blocks' state: no codec stores
+    # it otherwise than in float32, at every state_bits.
     added = sum(1 for k in sized if all(k not in chain.kept for chain in chains))
-    per_element = declared_bytes / typical.numel() + added * typical.element_size()
+    per_element = tuple(
+        (bits, max((chain.state_bytes(typical, state_bits=bits) for chain in chains), default=0)
+         / typical.numel() + added * typical.element_size())
+        for bits in STATE_BITS)
     hypers = {k: v for k, v in inner.param_groups[0].items()
               if k not in ("params", "param_names", "chain", "group_state")}
     names = tuple(name for chain in chains for name in chain.names())

@@ -62,8 +62,10 @@ upcast to float32 for the chain (a temporary, one bucket at a time) and rounded 
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import math
+import struct
 from typing import Any, Mapping
 
 import torch
@@ -121,12 +123,18 @@ def code_map(bits: int, signed: bool) -> tuple[float, ...]:
 
 
 @functools.lru_cache(maxsize=None)
+def code_midpoints(bits: int, signed: bool) -> tuple[float, ...]:
+    """The midpoints between neighbouring codes (ascending): a value above the midpoint `i`
+    (and at most the next) gets code `i + 1`."""
+    values = code_map(bits, signed)
+    return tuple((a + b) / 2 for a, b in zip(values[:-1], values[1:]))
+
+
+@functools.lru_cache(maxsize=None)
 def _tables(bits: int, signed: bool, device: torch.device):
     """(values, midpoints between neighbours) as float32 tensors on `device`."""
-    values = code_map(bits, signed)
-    mids = [(a + b) / 2 for a, b in zip(values[:-1], values[1:])]
-    return (torch.tensor(values, dtype=torch.float32, device=device),
-            torch.tensor(mids, dtype=torch.float32, device=device))
+    return (torch.tensor(code_map(bits, signed), dtype=torch.float32, device=device),
+            torch.tensor(code_midpoints(bits, signed), dtype=torch.float32, device=device))
 
 
 #: quantising, dequantising and stochastic rounding work through a tensor in pieces of this
@@ -134,9 +142,8 @@ def _tables(bits: int, signed: bool, device: torch.device):
 CHUNK_NUMEL = 1 << 18
 
 
-def quantize(x: torch.Tensor, bits: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes, absmax) of `x`: codes uint8 of one dimension (packed two to a byte at 4 bits),
-    absmax float32, one per block of `BLOCK[bits]` elements."""
+def _blocks(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """`x` flat, padded with zeros to whole blocks, as (blocks, BLOCK[bits])."""
     size = BLOCK[bits]
     if distribution_of(x) is not None:  # FSDP2's shards: the blocks of the whole tensor
         from .distributed import quantize_shards
@@ -147,22 +154,111 @@ def quantize(x: torch.Tensor, bits: int, signed: bool) -> tuple[torch.Tensor, to
     n_blocks = max(1, math.ceil(n / size))
     if n_blocks * size != n:
         flat = torch.nn.functional.pad(flat, (0, n_blocks * size - n))
-    blocks = flat.view(n_blocks, size)
-    values, mids = _tables(bits, signed, x.device)
+    return flat.view(n_blocks, size)
+
+
+def _encode_rows(rows: torch.Tensor, bits: int, find) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, absmax) of whole blocks `rows` (blocks, size): the codes flat, uint8, packed two a
+    byte at 4 bits; `find(normed)` gives the code of each value divided by its block's absmax
+    (the nearest, the lower on a tie: `_search_codes` or `nearest_codes`)."""
+    rows = rows.float()
+    top = rows.abs().amax(dim=1)
+    normed = rows / top.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
+    # (kept in blocks: traced, the codes are then computed in the loop over a block that
+    # finds its absmax)
+    found = find(normed)
+    if bits == 4:
+        found = found[:, 0::2] | (found[:, 1::2] << 4)
+    return found.to(torch.uint8).reshape(-1), top
+
+
+def _search_codes(mids: torch.Tensor):
+    """`find` for `_encode_rows` by a binary search of the midpoints: the first midpoint >= the
+    value (so a tie goes to the lower code), clamped, as a NaN would search past the end."""
+    return lambda normed: torch.searchsorted(mids, normed, out_int32=True).clamp_(0, mids.numel())
+
+
+def _float32_bits(x: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", x))[0]
+
+
+def _float32_of_bits(bits: int) -> float:
+    return struct.unpack("<f", struct.pack("<i", bits))[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _code_lookup(bits: int, signed: bool) -> tuple:
+    """The table `nearest_codes` reads: the positive values' float32 bit patterns, shifted right
+    by `shift`, cut [0, 1] into ranges (the lowest from 0, the last holding 1.0) so fine that
+    each holds at most one midpoint between codes: per range, how many midpoints lie below it
+    and the one in it (inf where none).  (shift, first range's index, the code of 0 (signed), the
+    counts, the midpoints.)  In plain Python (it may first be needed inside a trace)."""
+    mids = [_float32_of_bits(_float32_bits(m)) for m in code_midpoints(bits, signed)]
+    zero = (len(code_map(bits, signed)) - 1) // 2 if signed else 0
+    mids = mids[zero:]  # signed: those above 0 (the map is symmetric)
+    for kept_bits in range(2, 24):  # mantissa bits that tell the ranges apart
+        shift = 23 - kept_bits
+        first = (_float32_bits(mids[0]) >> shift) - 1
+        index = range(first, (_float32_bits(1.0) >> shift) + 1)
+        below = [0] + [bisect.bisect_left(mids, _float32_of_bits(i << shift)) for i in index[1:]]
+        upto = [bisect.bisect_left(mids, _float32_of_bits((i + 1) << shift)) for i in index]
+        if all(b - a <= 1 for a, b in zip(below, upto)):
+            break
+    inside = [mids[a] if b > a else math.inf for a, b in zip(below, upto)]
+    return shift, first, zero, tuple(below), tuple(inside)
+
+
+def nearest_codes(normed: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """The codes (int32) of `normed` (values divided by their block's absmax) exactly as the
+    binary search of `quantize` finds them (the nearest code, the lower on a tie; a NaN, or a
+    value above 1, gets the last code, one below -1 the first), element by element with no search: the top bits of |value|'s float32 pattern
+    pick a range of [0, 1] holding at most one midpoint between codes (`_code_lookup`), and one
+    comparison with it settles the code.  Two table reads and a few operations an element, so
+    that a compiled step (inductor) fuses it into its loops, where a search is a call of its
+    own over a float32 copy of the state."""
+    shift, first, zero, below, inside = _code_lookup(bits, signed)
+    below = torch.tensor(below, dtype=torch.int32, device=normed.device)
+    inside = torch.tensor(inside, dtype=torch.float32, device=normed.device)
+    size = abs(normed)
+    where = ((size.view(torch.int32) >> shift) - first).clamp(0, below.numel() - 1)
+    count, mid = below[where], inside[where]
+    if signed:
+        # value -t: the codes below 0 mirror those above it, and its tie goes to the larger
+        # magnitude (the lower code)
+        code = torch.where(normed >= 0, zero + count + (mid < size).to(torch.int32),
+                           zero - count - (mid <= size).to(torch.int32))
+    else:
+        code = count + (mid < size).to(torch.int32)
+    # |value| <= 1 but for a NaN (and an inf, which no block divided by its absmax leaves):
+    # the last code, as the search gives them (a comparison, where `isnan` is no vector
+    # operation in inductor's CPU code)
+    return torch.where(size <= 1.0, code,
+                       torch.where(normed < 0, 0, len(code_map(bits, signed)) - 1))
+
+
+def _decode_rows(codes: torch.Tensor, absmax: torch.Tensor, bits: int,
+                 values: torch.Tensor) -> torch.Tensor:
+    """The blocks (blocks, size) that `_encode_rows` encoded as (codes, absmax), in float32."""
+    if bits == 4:
+        codes = torch.stack((codes & 15, codes >> 4), dim=-1).reshape(-1)
+    got = values.index_select(0, codes.to(torch.int32)).view(absmax.numel(), BLOCK[bits])
+    return got * absmax.to(torch.float32).unsqueeze(1)
+
+
+def quantize(x: torch.Tensor, bits: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, absmax) of `x`: codes uint8 of one dimension (packed two to a byte at 4 bits),
+    absmax float32, one per block of `BLOCK[bits]` elements.  In pieces of `CHUNK_NUMEL`
+    elements (small temporaries)."""
+    blocks = _blocks(x, bits)
+    n_blocks, size = blocks.shape
+    _, mids = _tables(bits, signed, x.device)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
     codes = torch.empty(n_blocks * size // (8 // bits), dtype=torch.uint8, device=x.device)
     rows = max(1, CHUNK_NUMEL // size)
     per_row = size // (8 // bits)
     for i in range(0, n_blocks, rows):
-        piece = blocks[i:i + rows].float()
-        top = piece.abs().amax(dim=1)
-        absmax[i:i + rows] = top
-        piece = piece / top.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
-        found = torch.searchsorted(mids, piece.reshape(-1), out_int32=True)
-        found = found.clamp_(0, len(values) - 1)  # (a NaN would search past the end)
-        if bits == 4:
-            found = found[0::2] | (found[1::2] << 4)
-        codes[i * per_row:(i + rows) * per_row] = found
+        codes[i * per_row:(i + rows) * per_row], absmax[i:i + rows] = \
+            _encode_rows(blocks[i:i + rows], bits, _search_codes(mids))
     return codes, absmax
 
 
@@ -181,13 +277,47 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, bits: int, signed: boo
     rows = max(1, CHUNK_NUMEL // size)
     per_row = size // (8 // bits)
     for i in range(0, n_blocks, rows):
-        piece = codes[i * per_row:(i + rows) * per_row]
-        if bits == 4:
-            piece = torch.stack((piece & 15, piece >> 4), dim=-1).reshape(-1)
-        got = values.index_select(0, piece.to(torch.int32)).view(-1, size)
-        out[i:i + rows] = got.mul_(absmax[i:i + rows].to(torch.float32).unsqueeze(1))
+        out[i:i + rows] = _decode_rows(codes[i * per_row:(i + rows) * per_row],
+                                       absmax[i:i + rows], bits, values)
     out = out.view(-1)[:n].view(shape)
     return out if dtype == torch.float32 else out.to(dtype)
+
+
+# ---- inside a traced step (the compiled path) ------------------------------------------------
+#
+# The same arithmetic as `quantize` / `dequantize`, written as one expression over a whole tensor
+# (no pieces, no writes into a buffer) with the code map made inside the trace: the compiled
+# path traces it with the chain, and inductor fuses it into the step's loops, so that a step
+# reads the codes and writes new ones with no float32 copy of the state in between.
+
+def decode_traced(values: dict, shapes: list, dtype: torch.dtype) -> dict:
+    """Every quantised entry of `values` (a bucket's state, `TensorList`s, for parameters of
+    `shapes`) decoded to `dtype` in place, its scales removed; returns the formats found,
+    name -> (bits, signed), for `encode_traced`."""
+    formats = {}
+    for key in [k for k in values if SCALE_TAG in k]:
+        found = parse_scale_key(key)
+        if found is None or found[0] not in values:
+            continue
+        name, bits, signed = found
+        scales = values.pop(key)
+        # (made here, not taken from `_tables`' cache: a trace makes its own constants)
+        table = torch.tensor(code_map(bits, signed), dtype=torch.float32,
+                             device=scales.tensors[0].device)
+        decoded_ = [_decode_rows(c, s, bits, table).view(-1)[:math.prod(shape)].view(shape)
+                    .to(dtype) for c, s, shape in zip(values[name].tensors, scales.tensors, shapes)]
+        values[name] = TensorList(decoded_)
+        formats[name] = (bits, signed)
+    return formats
+
+
+def encode_traced(values: dict, formats: dict) -> None:
+    """The entries `decode_traced` decoded, encoded again in place in the same formats."""
+    for name, (bits, signed) in formats.items():
+        find = functools.partial(nearest_codes, bits=bits, signed=signed)
+        encoded = [_encode_rows(_blocks(t, bits), bits, find) for t in values[name].tensors]
+        values[name] = TensorList([codes for codes, _ in encoded])
+        values[scale_key(name, bits, signed)] = TensorList([top for _, top in encoded])
 
 
 def max_error(bits: int, signed: bool, x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
@@ -298,27 +428,35 @@ class StateCodec:
             return ("dtype", torch.bfloat16)
         return ("dtype", None)
 
+    def stored_bytes(self, param: torch.Tensor, rule, dtype: torch.dtype | None = None) -> int:
+        """The bytes state entry `rule` of `param` is kept in, by the rules `encode` follows:
+        codes and block scales where it is quantised, bfloat16 at 16 bits, else `dtype` (the
+        dtype the chain makes it in; default the parameter's) for entries never encoded.  From
+        the specification alone: `param` may be on the meta device."""
+        numel = rule.numel_for(param)
+        size = torch.empty((), dtype=dtype or param.dtype).element_size()
+        if not numel or not self.encodes(param, rule) or param.is_complex():
+            return numel * size
+        fmt = self.format_for(param, rule)
+        if fmt[0] == "quantized":
+            codes, scales = encoded_length(numel, fmt[1])
+            return codes + scales * 4  # uint8 codes, float32 scales
+        return numel * (size if fmt[1] is None else torch.empty((), dtype=fmt[1]).element_size())
+
     # -- around the chain (engine.run_bucket) --
-    def decode(self, values: dict, params: list, dtype: torch.dtype, rules: Mapping) -> dict:
+    def decode(self, values: dict, params: list, dtype: torch.dtype, rules: Mapping,
+               keep: frozenset = frozenset()) -> dict:
         """`values` (a bucket's gathered state) with every encoded entry of the parameters
-        `params`, and every half-precision like-parameter entry (`rules`, the chain's kept
-        state) where the chain computes in float32, as the chain computes it: `dtype`, the
+        `params` (but those named in `keep`: a compiled step decodes them itself, see
+        `in_own_format`), and every half-precision like-parameter entry (`rules`, the chain's
+        kept state) where the chain computes in float32, as the chain computes it: `dtype`, the
         parameters' shapes."""
         if self.state_bits == 4 and any(distribution_of(p) is not None and
                                         p.numel() >= self.min_numel for p in params):
             raise ValueError("state_bits=4 is not supported for FSDP2's sharded parameters (two "
                              "codes share a byte, which a shard boundary may split); use "
                              "state_bits=8")
-        for key in [k for k in values if SCALE_TAG in k]:
-            found = parse_scale_key(key)
-            if found is None or found[0] not in values:
-                continue
-            name, bits, signed = found
-            scales = values.pop(key)
-            codes = values[name]
-            values[name] = TensorList([
-                dequantize(c, s, bits, signed, tuple(p.shape), dtype)
-                for c, s, p in zip(codes.tensors, scales.tensors, params)])
+        decode_quantized(values, params, dtype, keep)
         if dtype not in LOW_PRECISION:
             for name, rule in rules.items():
                 value = values.get(name)
@@ -345,6 +483,21 @@ class StateCodec:
                 _store(state[p], name, t, self.format_for(p, rule), stored, self)
             del values[name]
         return values
+
+    def in_own_format(self, values: dict, params: list, rules: Mapping) -> frozenset:
+        """The quantised entries of `values` (a bucket's state) stored in the format this codec
+        would store them in for every one of `params` (an entry stored at other bits is to be
+        converted, by `decode` and `encode`)."""
+        found = set()
+        for key in values:
+            parsed = parse_scale_key(key)
+            if parsed is None or parsed[0] not in values or parsed[0] not in rules:
+                continue
+            name, bits, signed = parsed
+            if all(self.format_for(p, rules[name]) == ("quantized", bits, signed)
+                   for p in params):
+                found.add(name)
+        return frozenset(found)
 
     def _unchanged(self, values: dict, first: dict, rules: Mapping, stored) -> bool:
         """Whether 32-bit state would be stored as the chain left it (the fast way out: no
@@ -379,6 +532,23 @@ class StateCodec:
                 continue
             _store(out, name, value, fmt, stored, self)
         return out
+
+
+def decode_quantized(values: dict, params: list, dtype: torch.dtype,
+                     keep: frozenset = frozenset()) -> dict:
+    """Every quantised entry of `values` (a bucket's state, for the parameters `params`) but
+    those named in `keep`, decoded in place to `dtype` and the parameters' shapes."""
+    for key in [k for k in values if SCALE_TAG in k]:
+        found = parse_scale_key(key)
+        if found is None or found[0] not in values or found[0] in keep:
+            continue
+        name, bits, signed = found
+        scales = values.pop(key)
+        codes = values[name]
+        values[name] = TensorList([
+            dequantize(c, s, bits, signed, tuple(p.shape), dtype)
+            for c, s, p in zip(codes.tensors, scales.tensors, params)])
+    return values
 
 
 def _store(st: dict, name: str, t: torch.Tensor, fmt: tuple, stored, codec: StateCodec) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .. import registry
+from ..state_codecs import STATE_BITS
 from .common import lookup
 
 
@@ -9,7 +10,7 @@ def add_parsers(subparsers):
     parser = subparsers.add_parser(
         "list", help="every optimizer: chain of blocks, state memory, paper",
         description="Every named optimizer with its chain of building blocks, the bytes of state it "
-                    "keeps per parameter and its paper.")
+                    "keeps per parameter at each state_bits (32, 16, 8, 4) and its paper.")
     parser.set_defaults(run=run_list)
     parser = subparsers.add_parser(
         "show", help="one optimizer in full: chain, defaults, state, paper",
@@ -29,11 +30,12 @@ def state_text(entry: registry.Entry) -> str:
     if not entry.state_names and not entry.state_bytes:
         return "none"
     names = f" ({', '.join(entry.state_names)})" if entry.state_names else ""
-    return f"{bytes_text(entry)}, {entry.state_memory}x parameter-sized{names}"
+    smaller = ", ".join(f"{bits}-bit {bytes_text(entry, bits)}" for bits in STATE_BITS[1:])
+    return f"{bytes_text(entry)}, {entry.state_memory}x parameter-sized{names}; {smaller}"
 
 
-def bytes_text(entry: registry.Entry) -> str:
-    return f"{entry.state_bytes:.3g} B"
+def bytes_text(entry: registry.Entry, state_bits: int = 32) -> str:
+    return f"{entry.state_bytes_at(state_bits):.3g} B"
 
 
 def _value(v) -> str:
@@ -42,16 +44,19 @@ def _value(v) -> str:
 
 def run_list(args) -> int:
     entries = registry.entries()
-    rows = [("name", "state/param", "paper", "chain")]
-    rows += [(e.name, bytes_text(e), e.paper, chain_text(e)) for e in entries]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    rows = [("name", *(f"{bits}-bit state" for bits in STATE_BITS), "paper", "chain")]
+    rows += [(e.name, *(bytes_text(e, bits) for bits in STATE_BITS), e.paper, chain_text(e))
+             for e in entries]
+    n = len(rows[0]) - 1  # (the chain, last, is not padded)
+    widths = [max(len(row[i]) for row in rows) for i in range(n)]
     for i, row in enumerate(rows):
-        print("  ".join(f"{cell:<{w}}" for cell, w in zip(row[:3], widths)) + "  " + row[3])
+        print("  ".join(f"{cell:<{w}}" for cell, w in zip(row[:n], widths)) + "  " + row[n])
         if i == 0:
             print("  ".join("-" * w for w in widths) + "  " + "-" * 5)
-    print(f"\n{len(entries)} optimizers; `optcraft show NAME` for one in full. state/param: "
-          "bytes of state kept per parameter of a float32 1024x1024 weight, from the blocks' "
-          "specifications (Adam: 8 B).")
+    print(f"\n{len(entries)} optimizers; `optcraft show NAME` for one in full. 32-bit state "
+          "... 4-bit state: bytes of state kept per parameter of a float32 1024x1024 weight with "
+          "state_bits=32, 16, 8, 4, from the blocks' specifications and the state codecs' "
+          "rules (Adam: 8 B; at 8 bits a byte of code per element and a float32 scale per 256).")
     return 0
 
 

@@ -174,7 +174,7 @@ def _bucket_inputs(path: Path, bucket: Bucket, state, group_values: dict, master
         params = ParamList(bucket.params, bucket.grads)
     values = {**group_values, **bucket.gather(state)}
     values.pop(precision.MASTER, None)
-    values = codec.decode(values, bucket.params, params.tensors[0].dtype, path.chain.kept)
+    values = path.decode(codec, values, bucket, params.tensors[0].dtype)
     return masters, params, values
 
 

@@ -18,6 +18,7 @@ import torch
 from ..blocks.base import (PerParam, Spec, StateRule, block, callback_name, group, spec_of,
                           vectorised)
 from ..distributed import distribution_of, is_row_sharded, run_on_owners
+from ..state_codecs import StateCodec
 from ..tensorlist import ParamList, TensorList
 from .buckets import chunks
 
@@ -96,11 +97,14 @@ class Chain:
         return {name for name, rule in self.kept.items() if not self._optional[name] and
                 (rule.kind == "number" or rule.shape_for(param) is not None)}
 
-    def state_bytes(self, param: torch.Tensor, dtype: torch.dtype | None = None) -> int:
-        """The bytes of tensor state this chain keeps for `param` (in `dtype`, default the
-        parameter's), optional entries included: memory accounting, from the specifications."""
-        size = torch.empty((), dtype=dtype or param.dtype).element_size()
-        return sum(rule.numel_for(param) * size for rule in self.kept.values())
+    def state_bytes(self, param: torch.Tensor, dtype: torch.dtype | None = None,
+                    state_bits: int = 32) -> int:
+        """The bytes of tensor state this chain keeps for `param` (computed in `dtype`, default
+        the parameter's), optional entries included, stored at `state_bits` (codes and scales
+        at 8 and 4 bits, as `optcraft.state_codecs` keeps them): memory accounting, from the
+        specifications."""
+        codec = StateCodec(state_bits)
+        return sum(codec.stored_bytes(param, rule, dtype) for rule in self.kept.values())
 
     def names(self) -> list[str]:
         return [callback_name(cb) for cb in self.cbs]

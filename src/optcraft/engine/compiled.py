@@ -54,6 +54,12 @@ write back a line just read at little more than the cost of the read, reads are 
 for.  On a GPU, where every byte moved counts alike, both
 forms move as many bytes, and the chain stays one graph.
 
+Quantised state (`state_bits=8` or `4`, `optcraft.state_codecs`) enters a piece's graph as it is
+stored, codes and block scales: the graph decodes it, runs the chain and encodes the new state
+(`state_codecs.decode_traced` / `encode_traced`, codes found by a table lookup rather than a
+search, `nearest_codes`), so inductor fuses the codec into the step's loops (`CompiledPath.decode`
+keeps those entries encoded; a piece run eagerly decodes them in `run`).
+
 Compiled code is cached across processes by inductor's on-disk cache (`TORCHINDUCTOR_CACHE_DIR`,
 by default under the system's temporary folder): a warm start skips code generation, and pays
 for the tracing and for inductor's own start-up (importing it, probing the CPU's vector
@@ -77,6 +83,8 @@ from .. import compiler_hints as hints
 from ..blocks.base import block, is_zero, spec_of, vectorised
 from ..blocks.layerwise import _LAMB, lamb_direction, lamb_ratio, lamb_trust_ratio
 from ..blocks.base import transient
+from ..distributed import distribution_of
+from ..state_codecs import StateCodec, decode_quantized, decode_traced, encode_traced
 from ..tensorlist import ParamList, TensorList
 from .buckets import Bucket, chunks, make_buckets
 from .chain import Chain, Stage, apply
@@ -139,8 +147,25 @@ class CompiledPath(ForeachPath):
             pieces += [bucket.with_params(piece) for piece in found]
         return pieces
 
+    def decode(self, codec: StateCodec, values: dict, bucket, dtype: torch.dtype) -> dict:
+        """As every path does, but quantised entries already in the codec's format stay encoded
+        for a piece this path may compile: its graph decodes them, runs the chain and encodes
+        them again (`state_codecs.decode_traced`), all fused by inductor; `run` decodes them
+        itself where it runs the piece eagerly."""
+        keep = frozenset()
+        # (FSDP2's sharded codes are decoded from their shards: see `distributed.quantize_shards`)
+        if not all(_is_small(p) for p in bucket.params) and \
+                distribution_of(bucket.params[0]) is None:
+            keep = codec.in_own_format(values, bucket.params, self.chain.kept)
+        return codec.decode(values, bucket.params, dtype, self.chain.kept, keep)
+
     def run(self, stage: Stage, bucket, params: ParamList, values: dict, hyper: dict) -> dict:
-        eager = functools.partial(super().run, stage, bucket, params, values, hyper)
+        def eager():
+            # (entries `decode` left encoded for the graph, decoded here; encoded after the step
+            # by the engine, as on the other paths)
+            decode_quantized(values, bucket.params, params.tensors[0].dtype)
+            return ForeachPath.run(self, stage, bucket, params, values, hyper)
+
         if all(_is_small(t) for t in params.tensors):
             return eager()  # small tensors: the foreach path (see `buckets`)
         static, switches = self.chain.static, self.chain.switches
@@ -315,7 +340,10 @@ def _bucket_step(cbs, params, grads, values, hyper, given) -> dict[str, Any]:
     values = {k: TensorList(v) if isinstance(v, list) else v for k, v in values.items()}
     cbs = [functools.partial(_given, result=given[i]) if i in given else cb
            for i, cb in enumerate(cbs)]
+    # quantised state (8/4-bit codes and their scales) is decoded and encoded in the graph
+    formats = decode_traced(values, [tuple(p.shape) for p in params], params[0].dtype)
     result = apply(cbs, ParamList(params, grads), values, hyper)
+    encode_traced(result, formats)
     return {k: _plain(v) for k, v in result.items()}
 
 

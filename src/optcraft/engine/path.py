@@ -1,6 +1,9 @@
 """The interface every execution path implements (one class per path, one module each)."""
 from __future__ import annotations
 
+import torch
+
+from ..state_codecs import StateCodec
 from ..tensorlist import ParamList
 from .buckets import Bucket, make_buckets
 from .chain import Chain, Stage, apply
@@ -33,6 +36,12 @@ class Path:
     def run(self, stage: Stage, bucket: Bucket, params: ParamList, values: dict,
             hyper: dict) -> dict:
         return apply(stage.cbs, params, values, hyper, self.slice_numel)
+
+    def decode(self, codec: StateCodec, values: dict, bucket: Bucket, dtype: torch.dtype) -> dict:
+        """The bucket's gathered state `values` as `run` takes it: decoded by `codec`
+        (`optcraft.state_codecs`) to `dtype`.  A path that decodes in its own compiled step
+        keeps the entries it decodes there encoded; `run` then hands them back encoded."""
+        return codec.decode(values, bucket.params, dtype, self.chain.kept)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.chain!r})"
