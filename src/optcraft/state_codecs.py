@@ -145,10 +145,6 @@ CHUNK_NUMEL = 1 << 18
 def _blocks(x: torch.Tensor, bits: int) -> torch.Tensor:
     """`x` flat, padded with zeros to whole blocks, as (blocks, BLOCK[bits])."""
     size = BLOCK[bits]
-    if distribution_of(x) is not None:  # FSDP2's shards: the blocks of the whole tensor
-        from .distributed import quantize_shards
-
-        return quantize_shards(x, size, *_tables(bits, signed, x.device))
     flat = x.detach().reshape(-1)
     n = flat.numel()
     n_blocks = max(1, math.ceil(n / size))
@@ -249,6 +245,10 @@ def quantize(x: torch.Tensor, bits: int, signed: bool) -> tuple[torch.Tensor, to
     """(codes, absmax) of `x`: codes uint8 of one dimension (packed two to a byte at 4 bits),
     absmax float32, one per block of `BLOCK[bits]` elements.  In pieces of `CHUNK_NUMEL`
     elements (small temporaries)."""
+    if distribution_of(x) is not None:  # FSDP2's shards: the blocks of the whole tensor
+        from .distributed import quantize_shards
+
+        return quantize_shards(x, BLOCK[bits], *_tables(bits, signed, x.device))
     blocks = _blocks(x, bits)
     n_blocks, size = blocks.shape
     _, mids = _tables(bits, signed, x.device)
