@@ -98,14 +98,15 @@ def test_nearest_codes_without_a_search_are_the_searched_ones(bits, signed):
     (`nearest_codes`), the eager quantiser by a binary search of the midpoints: the same codes
     for every value, the reference quantiser's on the sample, and on the hard cases: each
     midpoint exactly and the floats either side of it, each code's value, zeros of both signs,
-    1.0, NaN, subnormals, values over 45 decades."""
+    1.0, NaN, subnormals, values over 45 decades, and those no block divided by its absmax
+    leaves: beyond +-1, infinities, negative values in an unsigned map."""
     values = torch.tensor(reference_map(bits, signed), dtype=torch.float64)
     mids = ((values[1:] + values[:-1]) / 2).float()
     hard = torch.cat([mids, torch.nextafter(mids, torch.tensor(2.0)),
                       torch.nextafter(mids, torch.tensor(-2.0)), values.float(),
                       torch.logspace(-45, 0, 20_000),
                       torch.tensor([0.0, -0.0, 1.0, 1e-45, float("nan")])])
-    hard = torch.cat([hard, -hard]) if signed else hard.abs()
+    hard = torch.cat([hard, -hard, torch.tensor([1.5, -1.5, math.inf, -math.inf])])
     searched = torch.searchsorted(mids, hard).clamp(0, mids.numel())
     assert torch.equal(sc.nearest_codes(hard, bits, signed).long(), searched)
     x = sample(signed)

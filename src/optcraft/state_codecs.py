@@ -207,9 +207,10 @@ def _code_lookup(bits: int, signed: bool) -> tuple:
 def nearest_codes(normed: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
     """The codes (int32) of `normed` (values divided by their block's absmax) exactly as the
     binary search of `quantize` finds them (the nearest code, the lower on a tie; a NaN, or a
-    value above 1, gets the last code, one below -1 the first), element by element with no search: the top bits of |value|'s float32 pattern
-    pick a range of [0, 1] holding at most one midpoint between codes (`_code_lookup`), and one
-    comparison with it settles the code.  Two table reads and a few operations an element, so
+    value above 1, gets the last code, one below -1 the first, and in an unsigned map any
+    negative value the first), element by element with no search: the top bits of |value|'s
+    float32 pattern pick a range of [0, 1] holding at most one midpoint between codes
+    (`_code_lookup`), and one comparison with it settles the code.  Two table reads and a few operations an element, so
     that a compiled step (inductor) fuses it into its loops, where a search is a call of its
     own over a float32 copy of the state."""
     shift, first, zero, below, inside = _code_lookup(bits, signed)
@@ -224,7 +225,7 @@ def nearest_codes(normed: torch.Tensor, bits: int, signed: bool) -> torch.Tensor
         code = torch.where(normed >= 0, zero + count + (mid < size).to(torch.int32),
                            zero - count - (mid <= size).to(torch.int32))
     else:
-        code = count + (mid < size).to(torch.int32)
+        code = torch.where(normed >= 0, count + (mid < size).to(torch.int32), 0)
     # |value| <= 1 but for a NaN (and an inf, which no block divided by its absmax leaves):
     # the last code, as the search gives them (a comparison, where `isnan` is no vector
     # operation in inductor's CPU code)
