@@ -478,9 +478,8 @@ def test_8bit_adam_is_as_close_to_float32_as_torchaos_adamw8bit():
 
 @pytest.mark.slow
 def test_8bit_adam_meets_bitsandbytes_own_bounds_as_adam8bit_does():
-    """Against bitsandbytes' `Adam8bit` (block-wise, 256-element blocks, its dynamic map), when
-    bitsandbytes is installed (it is not a dependency; 0.50 runs its 8-bit optimizers on CPU
-    tensors), with the bounds bitsandbytes' own test (`test_optimizer8bit`, float32) holds it to
+    """Against bitsandbytes' `Adam8bit` (block-wise, 256-element blocks, its dynamic map;
+    installed by the test extra: 0.50 runs its 8-bit optimizers on CPU tensors), with the bounds bitsandbytes' own test (`test_optimizer8bit`, float32) holds it to
     against float32 `torch.optim.Adam` (defaults), by the same procedure: 100 steps of gradients
     0.01 * randn on weights 0.1 * randn; after each, at most 5 weights outside
     isclose(atol=1e-5, rtol=1e-3) of float32 Adam's, fewer than 20 elements of each decoded
