@@ -35,7 +35,7 @@ from optcraft import distributed as oc_distributed
 
 WORLD = 2
 #: Steps before the checkpoint and after it; a whole run is the two together.
-STEPS_BEFORE, STEPS_AFTER = 4, 4
+STEPS_BEFORE, STEPS_AFTER = 5, 5
 STEPS = STEPS_BEFORE + STEPS_AFTER
 BATCH = 16  # the global batch; each rank takes BATCH // WORLD rows
 DTYPE = torch.float64
