@@ -169,8 +169,6 @@ class TensorList:
 
     def where(self, condition, other) -> "TensorList":
         """`self` where `condition` holds, else `other` (tensor by tensor, broadcasting)."""
-        if isinstance(condition, torch.SymBool):  # a test on a step count dynamo made symbolic
-            condition = bool(condition)
         if isinstance(condition, bool):
             if condition:
                 return self
@@ -508,32 +506,28 @@ def mul(a, b):
 def minimum(a, b):
     """Elementwise minimum of numbers, 0-d tensors or TensorLists.  A tensor and a number give a
     tensor of the tensor's dtype (the number never becomes a float32 tensor first)."""
-    if isinstance(a, TensorList):
-        return a.minimum(b)
-    if isinstance(b, TensorList):
-        return b.minimum(a)
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return torch.minimum(a, b)
-    if isinstance(a, torch.Tensor):
-        return a.clamp_max(b)
-    if isinstance(b, torch.Tensor):
-        return b.clamp_max(a)
-    return min(a, b)
+    return _extremum(a, b, "minimum", torch.minimum, "clamp_max", min)
 
 
 def maximum(a, b):
     """Elementwise maximum, as `minimum`."""
+    return _extremum(a, b, "maximum", torch.maximum, "clamp_min", max)
+
+
+def _extremum(a, b, method: str, of_tensors, clamp: str, of_numbers):
+    """`minimum` or `maximum`: the TensorList's `method`, `of_tensors` for two tensors, a
+    tensor's `clamp` by a number, `of_numbers` for two numbers."""
     if isinstance(a, TensorList):
-        return a.maximum(b)
+        return getattr(a, method)(b)
     if isinstance(b, TensorList):
-        return b.maximum(a)
+        return getattr(b, method)(a)
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return torch.maximum(a, b)
+        return of_tensors(a, b)
     if isinstance(a, torch.Tensor):
-        return a.clamp_min(b)
+        return getattr(a, clamp)(b)
     if isinstance(b, torch.Tensor):
-        return b.clamp_min(a)
-    return max(a, b)
+        return getattr(b, clamp)(a)
+    return of_numbers(a, b)
 
 
 def where(condition, a, b):
@@ -543,8 +537,6 @@ def where(condition, a, b):
     test under `torch.compile`) both sides are computed and selected elementwise, so no Python
     branch depends on tensor data.
     """
-    if isinstance(condition, torch.SymBool):  # a test on a step count dynamo made symbolic
-        condition = bool(condition)
     if isinstance(condition, bool):
         return a if condition else b
     if isinstance(condition, TensorList):
