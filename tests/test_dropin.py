@@ -66,6 +66,14 @@ def _snapshot(opt):
     return repr(opt.state_dict())
 
 
+def _refused_unchanged(opt, sd, match):
+    """`opt.load_state_dict(sd)` raises ValueError matching `match` and changes nothing."""
+    before = _snapshot(opt)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    assert _snapshot(opt) == before
+
+
 def test_state_of_another_dtype_is_cast_to_the_parameters_as_torch_does():
     params, opt = _stepped(oc.Adam)
     sd = opt.state_dict()
@@ -94,10 +102,7 @@ def test_state_of_another_dtype_is_cast_to_the_parameters_as_torch_does():
 def test_a_state_dict_of_another_optimizer_is_refused_before_anything_changes(source, target):
     _, src = _stepped(source)
     _, opt = _stepped(target)
-    before = _snapshot(opt)
-    with pytest.raises(ValueError, match="another optimizer"):
-        opt.load_state_dict(src.state_dict())
-    assert _snapshot(opt) == before
+    _refused_unchanged(opt, src.state_dict(), "another optimizer")
 
 
 @pytest.mark.parametrize("step", ["3", None, [3]])
@@ -105,20 +110,14 @@ def test_a_non_number_step_is_refused(step):
     _, opt = _stepped(oc.Adam)
     sd = opt.state_dict()
     sd["state"][0]["step"] = step
-    before = _snapshot(opt)
-    with pytest.raises(ValueError, match="'step' of parameter 0 must be a number"):
-        opt.load_state_dict(sd)
-    assert _snapshot(opt) == before
+    _refused_unchanged(opt, sd, "'step' of parameter 0 must be a number")
 
 
 def test_a_group_missing_a_hyperparameter_is_refused():
     _, opt = _stepped(oc.Adam)
     sd = opt.state_dict()
     del sd["param_groups"][0]["eps"]
-    before = _snapshot(opt)
-    with pytest.raises(ValueError, match="has no 'eps'"):
-        opt.load_state_dict(sd)
-    assert _snapshot(opt) == before
+    _refused_unchanged(opt, sd, "has no 'eps'")
 
 
 def test_ranger_loads_its_own_state_dict():

@@ -679,7 +679,7 @@ def _checked_state(opt: torch.optim.Optimizer, state_dict: dict):
                              f"{s.get('chain')!r}, this optimizer's runs {g.get('chain')!r}")
         if not isinstance(s.get(engine.GROUP_STATE, {}), dict):
             raise ValueError(f"parameter group {i}: its {engine.GROUP_STATE!r} must be a dict")
-    from .precision import uses_master
+    from .precision import MASTER, uses_master
 
     id_map = dict(zip(chain.from_iterable(s["params"] for s in saved_groups),
                       chain.from_iterable(g["params"] for g in groups)))
@@ -699,7 +699,6 @@ def _checked_state(opt: torch.optim.Optimizer, state_dict: dict):
         if rules is not None and all(spec is not None for spec, _ in rules.specs):
             # Every entry is one the chain's blocks keep (or a flag, a master copy, a wrapper's):
             # another optimizer's state (Adam's loaded into SGD) is refused.
-            from .precision import MASTER
             known = {*rules.kept, *rules.transient, MASTER, *Optimizer._keep_on_clear,
                      *getattr(opt, "extra_state", ())}
             foreign = sorted(str(k) for k in values if k not in known)
