@@ -563,9 +563,11 @@ def _run(rank: int, scenario: str, port: int, out_dir: str, world: int = WORLD) 
         dist.barrier()
     finally:
         dist.destroy_process_group()
-    # Done, and the result saved: leave without running the interpreter's exit-time destructors.
-    # Rarely (seen once here), a gloo/store thread still joinable at that point aborts the
-    # process ("terminate called without an active exception") after its work is over.
+    # Done, and the result saved: leave without the interpreter's teardown. A gloo worker thread
+    # releases a collective's work a moment after the rank has seen it finish, and releasing the
+    # last ones' tensors needs the interpreter: reached during its teardown, the thread is killed
+    # and the process aborts ("terminate called without an active exception"; see
+    # docs/integration.md, the torchrun example).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

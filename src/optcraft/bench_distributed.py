@@ -197,9 +197,9 @@ def _rank(rank: int, world: int, port: int, shapes: list, steps: int, warmup: in
 
 
 def _leave() -> None:
-    """End this process now, its result saved, without the interpreter's exit-time destructors:
-    there a gloo thread still running (FSDP2 keeps the process group alive past
-    `destroy_process_group`) sometimes aborts the process."""
+    """End this process now, its result saved, without the interpreter's teardown: a gloo worker
+    thread still releasing the last collectives' tensors (which needs the interpreter) is killed
+    there and aborts the process (docs/integration.md, the torchrun example)."""
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(0)
