@@ -632,3 +632,18 @@ def test_state_bytes_from_the_specification_are_the_bytes_kept(name):
     if name == "Adam":
         assert [entry.state_bytes_at(b) for b in sc.STATE_BITS] == \
             [8.0, 4.0, 2 * (1 + 4 / 256), 2 * (0.5 + 4 / 128)]
+
+
+@pytest.mark.parametrize("name,expected", [("RMSProp", 4.0), ("SGD", 4.0), ("Adam", 8.0),
+                                           ("Prodigy", 16.0)])
+def test_listed_state_bytes_are_those_kept_with_the_listed_hyperparameters(name, expected):
+    """`optcraft list`'s bytes per parameter count an optional entry only when the listed
+    hyperparameters make it: RMSProp (`mom=0`) keeps its squared average alone, SGD (listed
+    with `mom=0.9`) its momentum; measured from the tensors kept after a step on a 1024 x 1024
+    weight."""
+    entry = registry.get(name)
+    w = torch.zeros(1024, 1024, requires_grad=True)
+    opt = entry.make([w], lr=1e-3)
+    w.grad = torch.ones_like(w)
+    opt.step()
+    assert tensor_bytes(opt.state[w]) / w.numel() == expected == entry.state_bytes

@@ -120,7 +120,8 @@ class Entry:
     @property
     def state_bytes(self) -> float:
         """Bytes of state it keeps per parameter element of a float32 1024 x 1024 weight, from
-        its blocks' specifications (Adam: 8.0; a factored statistic costs a fraction)."""
+        its blocks' specifications (Adam: 8.0; a factored statistic costs a fraction), with its
+        hyperparameters as listed (RMSProp at `mom=0` keeps no momentum: 4.0)."""
         return self.state_bytes_at(32)
 
     def state_bytes_at(self, state_bits: int) -> float:
@@ -163,8 +164,11 @@ def _introspect_cached(name: str, factory, settings_items: tuple, lr: float):
     # What a wrapper adds (Lookahead's slow weights) is not the blocks' state: no codec stores
     # it otherwise than in float32, at every state_bits.
     added = sum(1 for k in sized if all(k not in chain.kept for chain in chains))
+    # optional entries (RMSProp's momentum, made once `mom` is on) as the step made them
+    made = {k for k, v in state.items() if v is not None}
     per_element = tuple(
-        (bits, max((chain.state_bytes(typical, state_bits=bits) for chain in chains), default=0)
+        (bits, max((chain.state_bytes(typical, state_bits=bits, made=made) for chain in chains),
+                   default=0)
          / typical.numel() + added * typical.element_size())
         for bits in STATE_BITS)
     hypers = {k: v for k, v in inner.param_groups[0].items()

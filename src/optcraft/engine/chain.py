@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from collections import defaultdict
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 
@@ -98,13 +98,15 @@ class Chain:
                 (rule.kind == "number" or rule.shape_for(param) is not None)}
 
     def state_bytes(self, param: torch.Tensor, dtype: torch.dtype | None = None,
-                    state_bits: int = 32) -> int:
+                    state_bits: int = 32, made: Collection[str] | None = None) -> int:
         """The bytes of tensor state this chain keeps for `param` (computed in `dtype`, default
-        the parameter's), optional entries included, stored at `state_bits` (codes and scales
-        at 8 and 4 bits, as `optcraft.state_codecs` keeps them): memory accounting, from the
-        specifications."""
+        the parameter's), stored at `state_bits` (codes and scales at 8 and 4 bits, as
+        `optcraft.state_codecs` keeps them): memory accounting, from the specifications.
+        Optional entries (made once a switch turns on: RMSProp's momentum) count when `made`
+        names them, or all of them when `made` is None (the most the chain may keep)."""
         codec = StateCodec(state_bits)
-        return sum(codec.stored_bytes(param, rule, dtype) for rule in self.kept.values())
+        return sum(codec.stored_bytes(param, rule, dtype) for name, rule in self.kept.items()
+                   if made is None or not self._optional[name] or name in made)
 
     def names(self) -> list[str]:
         return [callback_name(cb) for cb in self.cbs]
