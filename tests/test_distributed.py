@@ -377,3 +377,32 @@ def test_partitioned_refuses_a_torch_optimizer_and_a_missing_process_group():
     if not dist.is_initialized():
         with pytest.raises(RuntimeError, match="not initialised"):
             oc.distributed.partitioned(oc.Prodigy)(params, lr=1.0)
+
+
+def test_partitioned_step_with_no_gradient_on_any_rank_changes_nothing():
+    """A step at which no parameter has a gradient leaves Prodigy's group state (its step count
+    `k`, `d`) as one process leaves it: untouched.  The partition's totals over the ranks keep
+    "no contribution anywhere" apart from a sum that is 0 (here: one rank, in this process)."""
+    import optcraft as oc
+
+    def run(build):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(6, 5))
+        opt = build([w], lr=1.0)
+        seen = []
+        for step in range(4):
+            w.grad = None if step == 2 else torch.randn(6, 5)
+            opt.step()
+            seen.append({k: float(v) for k, v in opt.param_groups[0]["group_state"].items()
+                         if k in ("k", "d")})
+        return seen, w.detach().clone()
+
+    alone, w_alone = run(oc.Prodigy)
+    assert alone[2] == alone[1] and alone[3]["k"] == 3  # (the independent fact: Prodigy's own)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        partitioned, w_partitioned = run(oc.distributed.partitioned(oc.Prodigy))
+    finally:
+        dist.destroy_process_group()
+    assert partitioned == alone
+    torch.testing.assert_close(w_partitioned, w_alone, rtol=0, atol=0)

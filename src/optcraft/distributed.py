@@ -167,13 +167,16 @@ def sum_over_ranks(sums: dict, names=(), group=None) -> dict:
         totals[name] = total
     # 3. over the ranks of a partitioned optimizer
     if group is not None and ordered:
-        totals = _over_partition(totals, ordered, group)
+        totals = _over_partition(totals, {name: len(items[name]) for name in ordered}, group)
     return totals
 
 
-def _over_partition(totals: dict, ordered: list, group) -> dict:
+def _over_partition(totals: dict, counts: dict, group) -> dict:
     """`totals` summed over the ranks of `group`, in one all-reduce (float64; each total back in
-    its own dtype where it is a tensor)."""
+    its own dtype where it is a tensor).  `counts`: how many contributions each total has on this
+    rank; a total with none on any rank stays the number 0, as in one process (a block tells
+    "no parameter had a gradient" by it: Prodigy then leaves its step count).  The counts are
+    read back to the host, so this waits for the all-reduce."""
     import torch.distributed as dist
 
     device = next((t.device for t in totals.values() if isinstance(t, torch.Tensor)), None)
@@ -181,12 +184,18 @@ def _over_partition(totals: dict, ordered: list, group) -> dict:
         device = torch.device("cuda", torch.cuda.current_device()) \
             if dist.get_backend(group) == "nccl" else torch.device("cpu")
     stacked = torch.stack([torch.as_tensor(totals[name], dtype=torch.float64).to(device)
-                           for name in ordered])
+                           for name in counts] +
+                          [torch.tensor(float(n), dtype=torch.float64, device=device)
+                           for n in counts.values()])
     dist.all_reduce(stacked, group=group)
+    sums, found_anywhere = stacked[:len(counts)].unbind(0), stacked[len(counts):].tolist()
     found = {}
-    for name, value in zip(ordered, stacked.unbind(0)):
+    for name, value, anywhere in zip(counts, sums, found_anywhere):
         local = totals[name]
-        found[name] = value.to(local.dtype) if isinstance(local, torch.Tensor) else value
+        if not anywhere:
+            found[name] = 0.0
+        else:
+            found[name] = value.to(local.dtype) if isinstance(local, torch.Tensor) else value
     return found
 
 
