@@ -399,42 +399,86 @@ class _Comm:
     def global_rank(self, r: int) -> int:
         return self.dist.get_global_rank(self.group, r)
 
-    def gather(self, local: torch.Tensor, shape: tuple, owner: int) -> torch.Tensor | None:
-        """The whole tensor (`shape`) on `owner` from every rank's rows; None elsewhere."""
+    def _layout(self, shape: tuple) -> tuple[int, list[int], int]:
+        """(padded rows per rank, each rank's rows, elements per row) of a tensor of `shape`."""
         chunk, rows = _rows_of(shape[0], self.world)
-        if tuple(local.shape[1:]) != tuple(shape[1:]) or local.shape[0] != rows[self.me]:
-            raise RuntimeError(f"a shard of shape {tuple(local.shape)} is not FSDP2's split of "
-                               f"{tuple(shape)} over {self.world} ranks")
-        padded = local.new_zeros((chunk, *shape[1:]))
-        padded[:rows[self.me]] = local
-        received = [torch.empty_like(padded) for _ in range(self.world)] \
-            if self.me == owner else None
-        self.dist.gather(padded, received, dst=self.global_rank(owner), group=self.group)
-        if self.me != owner:
-            counters["sent"] += local.numel()
-            return None
-        counters["received"] += sum(r * math.prod(shape[1:]) for i, r in enumerate(rows)
-                                    if i != owner)
-        return torch.cat([b[:r] for b, r in zip(received, rows)])
+        return chunk, rows, math.prod(shape[1:])
 
-    def scatter(self, whole: torch.Tensor | None, shape: tuple, dtype, device,
-                owner: int) -> torch.Tensor:
-        """This rank's rows of `whole` (a tensor of `shape` on `owner`)."""
-        chunk, rows = _rows_of(shape[0], self.world)
-        received = torch.empty((chunk, *shape[1:]), dtype=dtype, device=device)
-        pieces = None
-        if self.me == owner:
-            pieces = []
-            for r in range(self.world):
-                piece = received.new_zeros(received.shape)
-                piece[:rows[r]] = whole[r * chunk:r * chunk + rows[r]]
-                pieces.append(piece)
-            counters["sent"] += sum(r * math.prod(shape[1:]) for i, r in enumerate(rows)
-                                    if i != owner)
-        else:
-            counters["received"] += rows[self.me] * math.prod(shape[1:])
-        self.dist.scatter(received, pieces, src=self.global_rank(owner), group=self.group)
-        return received[:rows[self.me]]
+    @staticmethod
+    def _by_owner(entries: list, owner_of, dtype_of) -> dict:
+        """The positions of `entries` by (owner, dtype, device), in order of first appearance:
+        the same on every rank, which lists the same entries in the same order."""
+        groups: dict = {}
+        for j, entry in enumerate(entries):
+            groups.setdefault((owner_of(entry), *dtype_of(entry)), []).append(j)
+        return groups
+
+    def gather(self, entries: list) -> list:
+        """Whole tensors on their owners from every rank's rows: `entries` are (this rank's
+        rows, the whole tensor's shape, its owner); returns each whole tensor on its owner, None
+        elsewhere.  One `gather` per owner and dtype: each rank sends its rows of all of that
+        owner's tensors in one buffer (each padded to FSDP2's chunk)."""
+        out: list = [None] * len(entries)
+        for local, shape, _ in entries:
+            chunk, rows, _ = self._layout(shape)
+            if tuple(local.shape[1:]) != tuple(shape[1:]) or local.shape[0] != rows[self.me]:
+                raise RuntimeError(f"a shard of shape {tuple(local.shape)} is not FSDP2's split "
+                                   f"of {tuple(shape)} over {self.world} ranks")
+        groups = self._by_owner(entries, lambda e: e[2], lambda e: (e[0].dtype, e[0].device))
+        for (owner, dtype, device), js in groups.items():
+            layouts = [self._layout(entries[j][1]) for j in js]
+            flat = torch.zeros(sum(c * w for c, _, w in layouts), dtype=dtype, device=device)
+            offset = 0
+            for j, (chunk, rows, width) in zip(js, layouts):
+                flat[offset:offset + rows[self.me] * width] = entries[j][0].reshape(-1)
+                offset += chunk * width
+            received = [torch.empty_like(flat) for _ in range(self.world)] \
+                if self.me == owner else None
+            self.dist.gather(flat, received, dst=self.global_rank(owner), group=self.group)
+            if self.me != owner:
+                counters["sent"] += sum(rows[self.me] * width for _, rows, width in layouts)
+                continue
+            offset = 0
+            for j, (chunk, rows, width) in zip(js, layouts):
+                shape = entries[j][1]
+                out[j] = torch.cat([b[offset:offset + r * width].view(r, *shape[1:])
+                                    for b, r in zip(received, rows)])
+                counters["received"] += sum(r * width for i, r in enumerate(rows) if i != owner)
+                offset += chunk * width
+        return out
+
+    def scatter(self, entries: list) -> list:
+        """Each rank's rows of whole tensors held by their owners: `entries` are (the whole
+        tensor on its owner, None elsewhere; its shape; dtype; device; owner); returns this rank's
+        rows of each, views of one received buffer.  One `scatter` per owner and dtype."""
+        out: list = [None] * len(entries)
+        groups = self._by_owner(entries, lambda e: e[4], lambda e: (e[2], e[3]))
+        for (owner, dtype, device), js in groups.items():
+            layouts = [self._layout(entries[j][1]) for j in js]
+            total = sum(c * w for c, _, w in layouts)
+            received = torch.empty(total, dtype=dtype, device=device)
+            pieces = None
+            if self.me == owner:
+                pieces = [torch.zeros(total, dtype=dtype, device=device)
+                          for _ in range(self.world)]
+                offset = 0
+                for j, (chunk, rows, width) in zip(js, layouts):
+                    whole = entries[j][0].reshape(-1)
+                    for r, piece in enumerate(pieces):
+                        piece[offset:offset + rows[r] * width] = \
+                            whole[r * chunk * width:(r * chunk + rows[r]) * width]
+                    counters["sent"] += sum(r * width for i, r in enumerate(rows) if i != owner)
+                    offset += chunk * width
+            else:
+                counters["received"] += sum(rows[self.me] * width for _, rows, width in layouts)
+            self.dist.scatter(received, pieces, src=self.global_rank(owner), group=self.group)
+            offset = 0
+            for j, (chunk, rows, width) in zip(js, layouts):
+                shape = entries[j][1]
+                out[j] = received[offset:offset + rows[self.me] * width].view(
+                    rows[self.me], *shape[1:])
+                offset += chunk * width
+        return out
 
     def broadcast(self, t: torch.Tensor, owner: int) -> torch.Tensor:
         self.dist.broadcast(t, src=self.global_rank(owner), group=self.group)
@@ -456,14 +500,16 @@ def run_on_owners(fn, params, values: dict, hyper: dict) -> dict:
 
     1. Every tensor the block is given for a parameter (the parameter, its gradient, each state
        or handed-on tensor) that is sharded as the parameter is gathered on the owner (one
-       `gather` each: every other rank sends its rows); a replicated DTensor is read locally, a
+       `gather` per owner and dtype for the whole bucket: every other rank sends its rows of all
+       of that owner's tensors in one buffer); a replicated DTensor is read locally, a
        pending one (`Partial`) is reduced first; plain tensors are taken as they are (replicated:
        the same on every rank).
     2. Each rank runs `fn` once, on the whole tensors of the matrices it owns (not at all if it
        owns none), as a single process would.
     3. The owners tell every rank (one `all_gather_object` of descriptions) what changed:
        inputs written in place (the tensors' version counters say so: the parameter, a state
-       tensor) are scattered back into the shards (`scatter`; a replicated input is broadcast
+       tensor) are scattered back into the shards (one `scatter` per owner and dtype for all
+       of them and the new sharded results below; a replicated input is broadcast
        back), and each returned value is, per parameter: an input (the shard or tensor it came
        from), a new tensor the parameter's shape (scattered into a new DTensor sharded as the
        parameter: Adafactor's update, SOAP's moments), another tensor (broadcast and kept
@@ -493,6 +539,7 @@ def run_on_owners(fn, params, values: dict, hyper: dict) -> dict:
                   listed.items()})
     whole: dict[tuple, Any] = {}  # (slot, i) -> the element the owner's block sees
     kinds: dict[tuple, str] = {}
+    to_gather: dict[tuple, tuple] = {}  # (slot, i) -> (this rank's rows, shape, owner)
     for i in range(n):
         for slot, elements in slots.items():
             x = elements[i]
@@ -502,7 +549,7 @@ def run_on_owners(fn, params, values: dict, hyper: dict) -> dict:
             if distribution_of(x) is not None:
                 if is_row_sharded(x) and tuple(x.shape) == tuple(tensors[i].shape):
                     kinds[(slot, i)] = "gathered"
-                    whole[(slot, i)] = comm.gather(x.to_local(), tuple(x.shape), owners[i])
+                    to_gather[(slot, i)] = (x.to_local(), tuple(x.shape), owners[i])
                     continue
                 if any(p.is_partial() for p in x.placements):
                     x = x.full_tensor()
@@ -510,6 +557,7 @@ def run_on_owners(fn, params, values: dict, hyper: dict) -> dict:
                     x = x.to_local()
             kinds[(slot, i)] = "local"
             whole[(slot, i)] = x
+    whole.update(zip(to_gather, comm.gather(list(to_gather.values()))))
     # 2. the block, on the matrices this rank owns
     described: dict = {"written": {}, "results": {}, "scalars": {}}
     if mine:
@@ -561,41 +609,49 @@ def run_on_owners(fn, params, values: dict, hyper: dict) -> dict:
             results.setdefault(key, {}).update(per)
         for key, value in d["scalars"].items():
             scalars.setdefault(key, value)
+    # Rows to scatter back, all in one `scatter` per owner and dtype: ((what, where), whole on
+    # the owner, shape, dtype, device, owner); what is replicated is broadcast as it comes.
+    to_scatter: list = []
     for i in range(n):
         for slot in written.get(i, ()):
             target = slots[slot][i]
             local = target.to_local() if distribution_of(target) is not None else target
             if kinds[(slot, i)] == "gathered":
-                rows = comm.scatter(whole.get((slot, i)), tuple(target.shape), local.dtype,
-                                    local.device, owners[i])
-                local.copy_(rows)
+                to_scatter.append((("written", local), whole.get((slot, i)),
+                                   tuple(target.shape), local.dtype, local.device, owners[i]))
             else:
                 buffer = whole[(slot, i)] if comm.me == owners[i] else torch.empty_like(local)
                 comm.broadcast(buffer, owners[i])
                 if buffer is not local:
                     local.copy_(buffer)
-    out = dict(scalars)
+    made: dict = {key: [None] * n for key in results}
     for key, per in results.items():
-        elements = []
         for i in range(n):
             how = per[i]
             if how[0] == "value":
-                elements.append(how[1])
+                made[key][i] = how[1]
             elif how[0] == "same":
-                elements.append(slots[how[1]][i])
+                made[key][i] = slots[how[1]][i]
             elif how[0] == "shard":
                 p = tensors[i]
-                local = p.to_local()
-                rows = comm.scatter(whole.get((("result", key), i)), tuple(p.shape), how[1],
-                                    local.device, owners[i]).clone()
-                elements.append(DTensor.from_local(rows, p.device_mesh, p.placements,
-                                                   run_check=False, shape=p.shape,
-                                                   stride=p.stride()))
+                to_scatter.append((("result", (key, i)), whole.get((("result", key), i)),
+                                   tuple(p.shape), how[1], p.to_local().device, owners[i]))
             else:
                 _, shape, dtype = how
                 buffer = whole[(("result", key), i)] if comm.me == owners[i] else \
                     torch.empty(shape, dtype=dtype, device=tensors[i].to_local().device)
-                elements.append(comm.broadcast(buffer.contiguous(), owners[i]))
+                made[key][i] = comm.broadcast(buffer.contiguous(), owners[i])
+    scattered = comm.scatter([entry[1:] for entry in to_scatter])
+    for ((what, where), *_), rows in zip(to_scatter, scattered):
+        if what == "written":
+            where.copy_(rows)
+        else:  # a new tensor sharded as its parameter (its own storage: it is kept as state)
+            key, i = where
+            p = tensors[i]
+            made[key][i] = DTensor.from_local(rows.clone(), p.device_mesh, p.placements,
+                                              run_check=False, shape=p.shape, stride=p.stride())
+    out = dict(scalars)
+    for key, elements in made.items():
         if all(isinstance(e, torch.Tensor) for e in elements):
             out[key] = TensorList(elements)
         else:
