@@ -156,7 +156,7 @@ def _blocks(x: torch.Tensor, bits: int) -> torch.Tensor:
 def _encode_rows(rows: torch.Tensor, bits: int, find) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes, absmax) of whole blocks `rows` (blocks, size): the codes flat, uint8, packed two a
     byte at 4 bits; `find(normed)` gives the code of each value divided by its block's absmax
-    (the nearest, the lower on a tie: `_search_codes` or `nearest_codes`)."""
+    (the nearest, the lower on a tie: `nearest_codes`)."""
     rows = rows.float()
     top = rows.abs().amax(dim=1)
     normed = rows / top.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
@@ -166,12 +166,6 @@ def _encode_rows(rows: torch.Tensor, bits: int, find) -> tuple[torch.Tensor, tor
     if bits == 4:
         found = found[:, 0::2] | (found[:, 1::2] << 4)
     return found.to(torch.uint8).reshape(-1), top
-
-
-def _search_codes(mids: torch.Tensor):
-    """`find` for `_encode_rows` by a binary search of the midpoints: the first midpoint >= the
-    value (so a tie goes to the lower code), clamped, as a NaN would search past the end."""
-    return lambda normed: torch.searchsorted(mids, normed, out_int32=True).clamp_(0, mids.numel())
 
 
 def _float32_bits(x: float) -> int:
@@ -187,8 +181,9 @@ def _code_lookup(bits: int, signed: bool) -> tuple:
     """The table `nearest_codes` reads: the positive values' float32 bit patterns, shifted right
     by `shift`, cut [0, 1] into ranges (the lowest from 0, the last holding 1.0) so fine that
     each holds at most one midpoint between codes: per range, how many midpoints lie below it
-    and the one in it (inf where none).  (shift, first range's index, the code of 0 (signed), the
-    counts, the midpoints.)  In plain Python (it may first be needed inside a trace)."""
+    and the one in it (inf where none), as its float32 bit pattern.  (shift, first range's
+    index, the code of 0 (signed), the counts, the midpoints' patterns.)  In plain Python (it may
+    first be needed inside a trace)."""
     mids = [_float32_of_bits(_float32_bits(m)) for m in code_midpoints(bits, signed)]
     zero = (len(code_map(bits, signed)) - 1) // 2 if signed else 0
     mids = mids[zero:]  # signed: those above 0 (the map is symmetric)
@@ -200,37 +195,39 @@ def _code_lookup(bits: int, signed: bool) -> tuple:
         upto = [bisect.bisect_left(mids, _float32_of_bits((i + 1) << shift)) for i in index]
         if all(b - a <= 1 for a, b in zip(below, upto)):
             break
-    inside = [mids[a] if b > a else math.inf for a, b in zip(below, upto)]
+    inside = [_float32_bits(mids[a] if b > a else math.inf) for a, b in zip(below, upto)]
     return shift, first, zero, tuple(below), tuple(inside)
 
 
 def nearest_codes(normed: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
-    """The codes (int32) of `normed` (values divided by their block's absmax) exactly as the
-    binary search of `quantize` finds them (the nearest code, the lower on a tie; a NaN, or a
-    value above 1, gets the last code, one below -1 the first, and in an unsigned map any
-    negative value the first), element by element with no search: the top bits of |value|'s
-    float32 pattern pick a range of [0, 1] holding at most one midpoint between codes
-    (`_code_lookup`), and one comparison with it settles the code.  Two table reads and a few operations an element, so
-    that a compiled step (inductor) fuses it into its loops, where a search is a call of its
-    own over a float32 copy of the state."""
+    """The codes (int32) of `normed` (values divided by their block's absmax) exactly as a
+    binary search of the midpoints between codes finds them (the nearest code, the lower on a
+    tie; a NaN, or a value above 1, gets the last code, one below -1 the first, and in an
+    unsigned map any negative value the first), element by element with no search: the top bits
+    of |value|'s float32 pattern pick a range of [0, 1] holding at most one midpoint
+    (`_code_lookup`), and one comparison with it settles the code.  Integer arithmetic on the
+    bit patterns (a non-negative float32 orders as its pattern does) and two table reads an
+    element, with no `where`: fast eagerly (torch's CPU `where` costs several times an integer
+    operation), and fused into a compiled step's loops by inductor."""
     shift, first, zero, below, inside = _code_lookup(bits, signed)
     below = torch.tensor(below, dtype=torch.int32, device=normed.device)
-    inside = torch.tensor(inside, dtype=torch.float32, device=normed.device)
-    size = abs(normed)
-    where = ((size.view(torch.int32) >> shift) - first).clamp(0, below.numel() - 1)
-    count, mid = below[where], inside[where]
+    inside = torch.tensor(inside, dtype=torch.int32, device=normed.device)
+    last = len(code_map(bits, signed)) - 1
+    size = normed.view(torch.int32) & 0x7FFFFFFF  # |value|'s pattern (a NaN's above inf's)
+    # (the range of a value above 1, an inf or a NaN: the last one, holding 1.0)
+    where = ((size >> shift) - first).clamp_(0, below.numel() - 1).reshape(-1)
+    count = below.index_select(0, where).view(size.shape)
+    mid = inside.index_select(0, where).view(size.shape)
+    negative = (normed < 0).to(torch.int32)  # (a NaN is not: it gets the last code)
     if signed:
         # value -t: the codes below 0 mirror those above it, and its tie goes to the larger
-        # magnitude (the lower code)
-        code = torch.where(normed >= 0, zero + count + (mid < size).to(torch.int32),
-                           zero - count - (mid <= size).to(torch.int32))
+        # magnitude (the lower code): zero + count + (mid < t), or zero - count - (mid <= t)
+        steps = count + (mid < size).to(torch.int32) + negative * (mid == size).to(torch.int32)
+        code = zero + steps * (1 - 2 * negative)
     else:
-        code = torch.where(normed >= 0, count + (mid < size).to(torch.int32), 0)
-    # |value| <= 1 but for a NaN (and an inf, which no block divided by its absmax leaves):
-    # the last code, as the search gives them (a comparison, where `isnan` is no vector
-    # operation in inductor's CPU code)
-    return torch.where(size <= 1.0, code,
-                       torch.where(normed < 0, 0, len(code_map(bits, signed)) - 1))
+        code = (count + (mid < size).to(torch.int32)) * (1 - negative)
+    # beyond the map's ends (a NaN or an inf counts one past them)
+    return code.clamp_(0, last)
 
 
 def _decode_rows(codes: torch.Tensor, absmax: torch.Tensor, bits: int,
@@ -252,14 +249,14 @@ def quantize(x: torch.Tensor, bits: int, signed: bool) -> tuple[torch.Tensor, to
         return quantize_shards(x, BLOCK[bits], *_tables(bits, signed, x.device))
     blocks = _blocks(x, bits)
     n_blocks, size = blocks.shape
-    _, mids = _tables(bits, signed, x.device)
+    find = functools.partial(nearest_codes, bits=bits, signed=signed)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
     codes = torch.empty(n_blocks * size // (8 // bits), dtype=torch.uint8, device=x.device)
     rows = max(1, CHUNK_NUMEL // size)
     per_row = size // (8 // bits)
     for i in range(0, n_blocks, rows):
         codes[i * per_row:(i + rows) * per_row], absmax[i:i + rows] = \
-            _encode_rows(blocks[i:i + rows], bits, _search_codes(mids))
+            _encode_rows(blocks[i:i + rows], bits, find)
     return codes, absmax
 
 
