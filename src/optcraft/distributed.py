@@ -217,13 +217,15 @@ def _block_of_elements(t, size: int) -> torch.Tensor:
     return torch.arange(start, start + local.numel(), device=local.device) // size
 
 
-def quantize_shards(x, size: int, values: torch.Tensor, mids: torch.Tensor):
+def quantize_shards(x, size: int, find):
     """`state_codecs.quantize` at 8 bits of the whole tensor `x`, an FSDP2-sharded DTensor, from
     its shards: the same blocks (of `size` elements of the whole flattened tensor, so a block may
     straddle two ranks), the same scales and the same codes as on one process.
 
     Each rank takes the largest magnitude of its part of every block, one all-reduce (max) of
-    `numel / size` numbers makes each block's `absmax`, and each rank codes its own elements.
+    `numel / size` numbers makes each block's `absmax`, and each rank codes its own elements
+    (`find(normed)`: the codes of values divided by their block's absmax, as `quantize` finds
+    them).
     Returns the codes as a uint8 DTensor shaped and sharded as `x` (so that
     torch.distributed.checkpoint reshards them as it reshards `x`; one process keeps them flat,
     padded to whole blocks) and the scales as a plain float32 tensor, the same on every rank."""
@@ -237,8 +239,7 @@ def quantize_shards(x, size: int, values: torch.Tensor, mids: torch.Tensor):
     absmax.scatter_reduce_(0, blocks, local.abs(), "amax")
     dist.all_reduce(absmax, op=dist.ReduceOp.MAX, group=x.device_mesh.get_group(0))
     scaled = local / absmax.clamp_min(torch.finfo(torch.float32).tiny)[blocks]
-    codes = torch.searchsorted(mids, scaled, out_int32=True).clamp_(0, len(values) - 1)
-    codes = codes.to(torch.uint8).reshape(x.to_local().shape)
+    codes = find(scaled).to(torch.uint8).reshape(x.to_local().shape)
     return (DTensor.from_local(codes, x.device_mesh, x.placements, run_check=False,
                                shape=x.shape, stride=x.stride()), absmax)
 

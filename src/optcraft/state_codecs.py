@@ -131,10 +131,9 @@ def code_midpoints(bits: int, signed: bool) -> tuple[float, ...]:
 
 
 @functools.lru_cache(maxsize=None)
-def _tables(bits: int, signed: bool, device: torch.device):
-    """(values, midpoints between neighbours) as float32 tensors on `device`."""
-    return (torch.tensor(code_map(bits, signed), dtype=torch.float32, device=device),
-            torch.tensor(code_midpoints(bits, signed), dtype=torch.float32, device=device))
+def _values(bits: int, signed: bool, device: torch.device) -> torch.Tensor:
+    """The code map's values as a float32 tensor on `device`."""
+    return torch.tensor(code_map(bits, signed), dtype=torch.float32, device=device)
 
 
 #: quantising, dequantising and stochastic rounding work through a tensor in pieces of this
@@ -243,13 +242,13 @@ def quantize(x: torch.Tensor, bits: int, signed: bool) -> tuple[torch.Tensor, to
     """(codes, absmax) of `x`: codes uint8 of one dimension (packed two to a byte at 4 bits),
     absmax float32, one per block of `BLOCK[bits]` elements.  In pieces of `CHUNK_NUMEL`
     elements (small temporaries)."""
+    find = functools.partial(nearest_codes, bits=bits, signed=signed)
     if distribution_of(x) is not None:  # FSDP2's shards: the blocks of the whole tensor
         from .distributed import quantize_shards
 
-        return quantize_shards(x, BLOCK[bits], *_tables(bits, signed, x.device))
+        return quantize_shards(x, BLOCK[bits], find)
     blocks = _blocks(x, bits)
     n_blocks, size = blocks.shape
-    find = functools.partial(nearest_codes, bits=bits, signed=signed)
     absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
     codes = torch.empty(n_blocks * size // (8 // bits), dtype=torch.uint8, device=x.device)
     rows = max(1, CHUNK_NUMEL // size)
@@ -266,7 +265,7 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, bits: int, signed: boo
     n = math.prod(shape)
     size = BLOCK[bits]
     n_blocks = absmax.numel()
-    values, _ = _tables(bits, signed, codes.device)
+    values = _values(bits, signed, codes.device)
     if distribution_of(codes) is not None:  # FSDP2's shards (`quantize`)
         from .distributed import dequantize_shards
 
@@ -299,7 +298,7 @@ def decode_traced(values: dict, shapes: list, dtype: torch.dtype) -> dict:
             continue
         name, bits, signed = found
         scales = values.pop(key)
-        # (made here, not taken from `_tables`' cache: a trace makes its own constants)
+        # (made here, not taken from `_values`' cache: a trace makes its own constants)
         table = torch.tensor(code_map(bits, signed), dtype=torch.float32,
                              device=scales.tensors[0].device)
         decoded_ = [_decode_rows(c, s, bits, table).view(-1)[:math.prod(shape)].view(shape)
@@ -325,7 +324,7 @@ def max_error(bits: int, signed: bool, x: torch.Tensor, absmax: torch.Tensor) ->
     size = BLOCK[bits]
     flat = x.detach().reshape(-1).float()
     scale = absmax.repeat_interleave(size)[:flat.numel()]
-    values, _ = _tables(bits, signed, x.device)
+    values = _values(bits, signed, x.device)
     normed = flat / scale.clamp_min(torch.finfo(torch.float32).tiny)
     upper = torch.searchsorted(values, normed).clamp(1, len(values) - 1)
     gap = values[upper] - values[upper - 1]
