@@ -287,17 +287,25 @@ def dequantize(codes: torch.Tensor, absmax: torch.Tensor, bits: int, signed: boo
 # path traces it with the chain, and inductor fuses it into the step's loops, so that a step
 # reads the codes and writes new ones with no float32 copy of the state in between.
 
+def _pop_scales(values: dict, keep: frozenset = frozenset()) -> list:
+    """The quantised entries of `values` (a bucket's state) but those named in `keep`: (name,
+    bits, signed, scales) each, their scales removed from `values` (the codes stay under
+    `name`, for the caller to replace with the decoded tensors)."""
+    found = []
+    for key in [k for k in values if SCALE_TAG in k]:
+        parsed = parse_scale_key(key)
+        if parsed is None or parsed[0] not in values or parsed[0] in keep:
+            continue
+        found.append((*parsed, values.pop(key)))
+    return found
+
+
 def decode_traced(values: dict, shapes: list, dtype: torch.dtype) -> dict:
     """Every quantised entry of `values` (a bucket's state, `TensorList`s, for parameters of
     `shapes`) decoded to `dtype` in place, its scales removed; returns the formats found,
     name -> (bits, signed), for `encode_traced`."""
     formats = {}
-    for key in [k for k in values if SCALE_TAG in k]:
-        found = parse_scale_key(key)
-        if found is None or found[0] not in values:
-            continue
-        name, bits, signed = found
-        scales = values.pop(key)
+    for name, bits, signed, scales in _pop_scales(values):
         # (made here, not taken from `_values`' cache: a trace makes its own constants)
         table = torch.tensor(code_map(bits, signed), dtype=torch.float32,
                              device=scales.tensors[0].device)
@@ -535,12 +543,7 @@ def decode_quantized(values: dict, params: list, dtype: torch.dtype,
                      keep: frozenset = frozenset()) -> dict:
     """Every quantised entry of `values` (a bucket's state, for the parameters `params`) but
     those named in `keep`, decoded in place to `dtype` and the parameters' shapes."""
-    for key in [k for k in values if SCALE_TAG in k]:
-        found = parse_scale_key(key)
-        if found is None or found[0] not in values or found[0] in keep:
-            continue
-        name, bits, signed = found
-        scales = values.pop(key)
+    for name, bits, signed, scales in _pop_scales(values, keep):
         codes = values[name]
         values[name] = TensorList([
             dequantize(c, s, bits, signed, tuple(p.shape), dtype)
